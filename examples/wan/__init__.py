@@ -1,0 +1,1 @@
+"""Shared Wan2.1 stand-in helpers: attention kernels, model pieces, config mixins, ``PipelineSpec``."""

@@ -1,0 +1,237 @@
+"""VACE as a surgery rule.
+
+VACE adds a parallel branch to a Wan transformer: ``vace_patch_embedding`` turns the
+control context into tokens, ``vace_blocks.K`` (the model's own block structure, run
+without caches) turn them into one hint per selected layer, and the output of main block
+``vace_layers[k]`` becomes ``x + hint_k * scale_k``. The whole branch runs before the first
+block because it only reads the patch-embedded latent ``x0`` and the blocks' shared inputs.
+
+Nothing here names a pipeline: blocks are found by structure, their constructor arguments
+are read from the blocks themselves, and the cache-free call passes only the arguments the
+block's ``forward`` requires (every optional argument, caches included, keeps its default).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from surgery.errors import CallError, RuleError
+from surgery.grafting.build import rebuild_like, zero_linear
+from surgery.matching.pattern import ATTENTION_BLOCK
+from surgery.rule import GraftContext, Rule, Site, Where
+from surgery.tracing.policy import TracePolicy
+
+NAME = "vace"
+PATCH_EMBEDDING = "vace_patch_embedding"
+BLOCKS = "vace_blocks"
+# Arguments through which the Wan family passes mutable cache state.
+CACHE_ARGUMENTS = frozenset({"kv_cache", "crossattn_cache", "kv_bank"})
+# VACE blocks always use text-to-video cross-attention (vace.md 1.1).
+BLOCK_OVERRIDES = {"cross_attn_type": "t2v_cross_attn"}
+
+OPTIONS = {
+    "vace_in_dim": "channels of vace_context (96: 32 latent + 64 mask channels)",
+    "vace_layers": "main blocks that receive a hint; must contain 0 (default: every second block)",
+    "num_layers": "number of main blocks to expect (default: the model's num_layers attribute)",
+}
+
+
+def _check_layers(layers: Sequence[int] | None, num_layers: int | None) -> tuple[int, ...] | None:
+    if layers is None:
+        return None
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+        raise RuleError(f"vace_layers must be a list of block indices, got {layers!r}", "e.g. vace_layers=[0, 2, 4]")
+    values = list(layers)
+    if not values:
+        raise RuleError("vace_layers is empty", "give at least [0], or None for every second block")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise RuleError(f"vace_layers must hold integers, got {values!r}", "e.g. vace_layers=[0, 2, 4]")
+    if 0 not in values:
+        raise RuleError(f"vace_layers {values} does not contain 0", "VACE block 0 must feed main block 0; add 0")
+    if values != sorted(values):
+        raise RuleError(f"vace_layers {values} is not sorted", f"use {sorted(set(values))}")
+    if len(set(values)) != len(values):
+        raise RuleError(f"vace_layers {values} has duplicates", f"use {sorted(set(values))}")
+    if values[0] < 0:
+        raise RuleError(f"vace_layers {values} has a negative index", "use indices 0..num_layers-1")
+    if num_layers is not None and values[-1] >= num_layers:
+        raise RuleError(f"vace_layers {values} is out of range for {num_layers} blocks",
+                        f"use indices 0..{num_layers - 1}")
+    return tuple(values)
+
+
+def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_layers: int | None = None) -> Rule:
+    """The VACE rule.
+
+    Args:
+        vace_in_dim: channels of ``vace_context``.
+        vace_layers: sorted, unique block indices containing 0; ``None`` selects every
+            second block once the block count is known.
+        num_layers: the number of blocks to expect; ``None`` reads ``model.num_layers``.
+
+    Raises:
+        RuleError: on invalid options (at construction, or at apply time for a range that
+            depends on the model's block count).
+    """
+    if not isinstance(vace_in_dim, int) or isinstance(vace_in_dim, bool) or vace_in_dim <= 0:
+        raise RuleError(f"vace_in_dim must be a positive integer, got {vace_in_dim!r}", "use 96 (the VACE default)")
+    if num_layers is not None and (not isinstance(num_layers, int) or num_layers <= 0):
+        raise RuleError(f"num_layers must be a positive integer, got {num_layers!r}", "omit it to read the model's")
+    layers = _check_layers(vace_layers, num_layers)
+
+    def resolved(count: int) -> tuple[int, ...]:
+        chosen = layers if layers is not None else tuple(range(0, count, 2))
+        _check_layers(chosen, count)
+        return chosen
+
+    def expected(model: nn.Module) -> int:
+        count = num_layers if num_layers is not None else getattr(model, "num_layers", None)
+        if count is None:
+            raise RuleError("the model has no num_layers attribute", "pass num_layers=... to the VACE rule")
+        resolved(count)
+        return count
+
+    def assign(position: int, count: int) -> int | None:
+        chosen = resolved(count)
+        return chosen.index(position) if position in chosen else None
+
+    def grafts(context: GraftContext) -> dict[str, nn.Module]:
+        embedder = context.stream_embedder
+        block = context.matched_modules[0]
+        if not isinstance(embedder, (nn.Conv3d, nn.Conv2d)):
+            raise RuleError(f"the residual stream is not produced by a convolutional patch embedding "
+                            f"(found {type(embedder).__name__})", "VACE needs a Wan-style patch embedding")
+        weight = embedder.weight
+        dim = embedder.out_channels
+        with torch.device("meta"):
+            conv = type(embedder)(vace_in_dim, dim, kernel_size=embedder.kernel_size, stride=embedder.stride)
+        conv = _allocate_like(conv, weight)
+        count = len(resolved(len(context.matches)))
+        blocks = nn.ModuleList()
+        for k in range(count):
+            fresh = rebuild_like(block, root=context.model, overrides=BLOCK_OVERRIDES)
+            if k == 0:
+                fresh.before_proj = zero_linear(dim, device=weight.device, dtype=weight.dtype)
+            fresh.after_proj = zero_linear(dim, device=weight.device, dtype=weight.dtype)
+            blocks.append(fresh)
+        return {PATCH_EMBEDDING: conv, BLOCKS: blocks}
+
+    def check_call(inputs: dict[str, Any], call_inputs: dict[str, Any], latent: Any,
+                   model: nn.Module) -> dict[str, Any]:
+        checked = _check_call(inputs, latent, vace_in_dim)
+        if checked["vace_context"] is not None:
+            checked["vace_context_scale"] = normalise_scale(inputs.get("vace_context_scale", 1.0),
+                                                            len(getattr(model, BLOCKS)))
+        return checked
+
+    def example(latent: Any, model: nn.Module) -> dict[str, Any]:
+        if not isinstance(latent, torch.Tensor) or latent.dim() != 5:
+            return {"vace_context": None, "vace_context_scale": 1.0}
+        b, _, f, h, w = latent.shape
+        return {"vace_context": latent.new_zeros(b, vace_in_dim, f, h, w), "vace_context_scale": 1.0}
+
+    return Rule(
+        name=NAME,
+        options={"vace_in_dim": vace_in_dim, "vace_layers": list(layers) if layers is not None else None,
+                 "num_layers": num_layers},
+        pattern=ATTENTION_BLOCK,
+        expected=expected,
+        assign=assign,
+        grafts=grafts,
+        actions=((Where.BEFORE_FIRST, compute_hints), (Where.AFTER_EACH, inject_hint)),
+        inputs={"vace_context": None, "vace_context_scale": 1.0},
+        check_call=check_call,
+        trace_policy=TracePolicy(cache_arguments=CACHE_ARGUMENTS),
+        weight_prefixes=(f"{BLOCKS}.", f"{PATCH_EMBEDDING}."),
+        example=example,
+    )
+
+
+def _allocate_like(module: nn.Module, like: torch.Tensor) -> nn.Module:
+    from surgery.grafting.build import allocate
+    return module if like.device.type == "meta" else allocate(module, device=like.device, dtype=like.dtype)
+
+
+def _check_call(inputs: dict[str, Any], latent: Any, vace_in_dim: int) -> dict[str, Any]:
+    """Validate ``vace_context`` against the latent, normalise the scale to a tuple."""
+    context, scale = inputs.get("vace_context"), inputs.get("vace_context_scale", 1.0)
+    if context is None:
+        return {"vace_context": None, "vace_context_scale": None}
+    items = list(context) if isinstance(context, (list, tuple)) or (
+        isinstance(context, torch.Tensor) and context.dim() == 5) else [context]
+    for i, item in enumerate(items):
+        if not isinstance(item, torch.Tensor) or item.dim() != 4:
+            shape = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
+            raise CallError(f"vace_context[{i}] has shape {shape}, expected [channels, frames, height, width]",
+                            "pass a [B, C, F, H, W] tensor or a list of [C, F, H, W] tensors")
+        if isinstance(latent, torch.Tensor) and latent.dim() == 5:
+            want = (vace_in_dim, latent.shape[3], latent.shape[4])
+            got = (item.shape[0], item.shape[2], item.shape[3])
+            if got != want:
+                raise CallError(
+                    f"vace_context[{i}] of shape {tuple(item.shape)} does not fit the latent of shape "
+                    f"{tuple(latent.shape)}: expected {vace_in_dim} channels and a {latent.shape[3]}x{latent.shape[4]} grid",
+                    "encode the control frames at the latent's resolution with vace_in_dim channels")
+    if isinstance(latent, torch.Tensor) and latent.dim() == 5 and len(items) != latent.shape[0]:
+        raise CallError(f"vace_context has {len(items)} entries for a batch of {latent.shape[0]}",
+                        "give one context per batch element")
+    return {"vace_context": context, "vace_context_scale": scale}
+
+
+def normalise_scale(scale: Any, count: int) -> tuple[float, ...]:
+    """A float (``None`` = 1.0) or one value per VACE layer, all finite."""
+    if scale is None:
+        scale = 1.0
+    if isinstance(scale, torch.Tensor):
+        scale = scale.tolist()
+    values = [scale] * count if isinstance(scale, (int, float)) and not isinstance(scale, bool) else list(scale) \
+        if isinstance(scale, (list, tuple)) else None
+    if values is None:
+        raise CallError(f"vace_context_scale must be a number or a sequence, got {type(scale).__name__}",
+                        "pass a float or one float per VACE layer")
+    if len(values) != count:
+        raise CallError(f"vace_context_scale has {len(values)} values for {count} VACE layers",
+                        f"pass a float or exactly {count} values")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise CallError(f"vace_context_scale {values} is not all finite numbers", "use finite floats")
+    return tuple(float(v) for v in values)
+
+
+def compute_hints(site: Site) -> None:
+    """Before the first block: vace_context -> tokens -> VACE blocks -> one hint per layer."""
+    context = site.inputs["vace_context"]
+    if context is None:
+        return None
+    model, x0 = site.model, site.stream
+    embed, blocks = getattr(model, PATCH_EMBEDDING), getattr(model, BLOCKS)
+    tokens = x0.size(1)
+    pieces = []
+    for item in context:
+        c = embed(item.to(embed.weight.dtype).unsqueeze(0)).flatten(2).transpose(1, 2)
+        # Zero-pad short contexts, then cut to the chunk's tokens (vace.md 2.4 / 2.2).
+        missing = tokens - c.size(1)
+        pad = c.new_zeros(1, missing if missing > 0 else 0, c.size(2))
+        pieces.append(torch.cat([c, pad], dim=1))
+    c = torch.cat(pieces)[:, :tokens]
+    hints = []
+    for k, block in enumerate(blocks):
+        if k == 0:
+            c = block.before_proj(c) + x0
+        out = block(c, **site.required)
+        c = out[0] if isinstance(out, (tuple, list)) else out
+        hints.append(block.after_proj(c))
+    site.scratch["hints"] = hints
+    return None
+
+
+def inject_hint(site: Site) -> Any:
+    """After block ``vace_layers[k]``: ``x + hint_k * scale_k`` (only x; cache info passes through)."""
+    hints, index = site.scratch.get("hints"), site.match.hint_index
+    if hints is None or index is None:
+        return None
+    scale = site.inputs["vace_context_scale"]
+    x = site.stream
+    return x + hints[index][:, : x.size(1)] * scale[index]

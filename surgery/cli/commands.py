@@ -1,0 +1,378 @@
+"""The CLI's pipelines as plain functions: parsed options in, exit code out.
+
+Exit codes: 0 success; 1 validation failed or the graph drifted from its golden; 2 bad
+input or any :class:`~surgery.errors.SurgeryError` (raised here, printed by ``main``).
+
+The engine is reached through :class:`Backend` so tests can run these pipelines against
+a fake engine; :func:`engine_backend` is the real one.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from surgery.cli import render
+from surgery.cli.loading import LoadedModel, build_rule, builtin_pipelines, load_model, rule_parameters
+from surgery.errors import InputError, SurgeryError
+from surgery.reports.diff import compare_to_golden, write_golden
+from surgery.reports.files import atomic_write_bytes
+from surgery.reports.report import build_report, golden_section, normalise_validation, render_markdown, summary_line, write_report
+
+#: Where ``surgery diff`` finds built-in goldens: ``<repo>/tests/goldens/<model>.graph.txt``.
+GOLDENS_DIR = Path(__file__).resolve().parents[2] / "tests" / "goldens"
+#: Console lines of unified diff shown by ``surgery diff`` (the report holds all of it).
+MAX_CONSOLE_DIFF_LINES = 400
+MAX_CONSOLE_GUARDS = 20
+
+
+@dataclass
+class ApplyOptions:
+    """Options of ``surgery apply`` and ``surgery validate``."""
+
+    model: str
+    rule: str = "vace"
+    set: list[str] = field(default_factory=list)
+    size: str | None = None
+    weights: str | None = None
+    validate: bool = False
+    dry_run: bool = False
+    report: str | None = None
+    save: str | None = None
+    seed: int = 0
+    debug: bool = False
+
+
+@dataclass
+class DiffOptions:
+    """Options of ``surgery diff``."""
+
+    model: str
+    rule: str = "vace"
+    set: list[str] = field(default_factory=list)
+    size: str | None = None
+    golden: str | None = None
+    update: bool = False
+    report: str | None = None
+    seed: int = 0
+    debug: bool = False
+
+
+@dataclass
+class Backend:
+    """The engine calls the CLI makes.
+
+    ``apply(model, rule, example_inputs=..., dry_run=...)`` -> ``ApplyResult``;
+    ``load_weights(module, path, rule)`` -> an object with ``as_rows()`` (or ``None``);
+    ``validation_cases(loaded, result)`` -> cases, each with ``name`` and ``run()``
+    returning an object or mapping with ``max_abs_diff``, ``passed``, ``tolerance``.
+    """
+
+    apply: Callable[..., Any]
+    load_weights: Callable[[Any, str, Any], Any]
+    validation_cases: Callable[[LoadedModel, Any], Sequence[Any]]
+
+
+def _engine_apply(model: Any, rule: Any, *, example_inputs: Any, dry_run: bool) -> Any:
+    import surgery
+
+    return surgery.apply(model, rule, example_inputs=example_inputs, dry_run=dry_run)
+
+
+def _engine_load_weights(module: Any, path: str, rule: Any) -> Any:
+    from surgery.weights import load_vace_weights
+
+    options = dict(getattr(rule, "options", None) or {})
+    return load_vace_weights(module, path, expect_vace_in_dim=options.get("vace_in_dim"))
+
+
+def _engine_validation_cases(loaded: LoadedModel, result: Any) -> Sequence[Any]:
+    try:
+        validation = importlib.import_module("surgery.validation")
+        cases = validation.validation_cases
+    except (ImportError, AttributeError) as exc:
+        raise InputError("validation is not available in this build (surgery.validation.validation_cases missing)",
+                         "drop --validate") from exc
+    return cases(result, model=loaded.model, pipeline=loaded.pipeline, example_inputs=loaded.example_inputs)
+
+
+def engine_backend() -> Backend:
+    """The real engine."""
+    return Backend(apply=_engine_apply, load_weights=_engine_load_weights, validation_cases=_engine_validation_cases)
+
+
+def _print_result(out: Console, result: Any) -> None:
+    out.print(render.matches_table(result.matches))
+    out.print(render.grafted_table(result.grafted))
+    guards = list(result.guards)
+    if guards:
+        out.print(render.guards_table(guards[:MAX_CONSOLE_GUARDS]))
+        if len(guards) > MAX_CONSOLE_GUARDS:
+            out.print(f"... and {len(guards) - MAX_CONSOLE_GUARDS} more guards (see --report)")
+
+
+def run_validation(cases: Sequence[Any], *, debug: bool = False) -> dict[str, Any]:
+    """Run validation cases under a progress bar; the ``validation`` report section.
+
+    A case that raises a :class:`SurgeryError` aborts (exit 2); any other exception marks
+    that case failed with its error, so one broken case does not hide the others.
+    """
+    results: list[dict[str, Any]] = []
+    with render.progress(render.console(stderr=True)) as bar:
+        task = bar.add_task("", total=len(cases))
+        for case in cases:
+            name = str(getattr(case, "name", case))
+            bar.update(task, description=name)
+            try:
+                outcome = case.run()
+            except SurgeryError:
+                raise
+            except Exception as exc:
+                if debug:
+                    traceback.print_exc()
+                tolerance = getattr(case, "tolerance", 0.0)
+                results.append({"name": name, "max_abs_diff": None, "passed": False, "tolerance": tolerance,
+                                "error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"})
+            else:
+                get = outcome.get if isinstance(outcome, Mapping) else lambda k, d=None: getattr(outcome, k, d)
+                results.append({"name": name, "max_abs_diff": get("max_abs_diff"), "passed": bool(get("passed")),
+                                "tolerance": get("tolerance", 0.0), "error": get("error")})
+            bar.advance(task)
+    section = normalise_validation({"passed": all(r["passed"] for r in results), "cases": results})
+    assert section is not None
+    return section
+
+
+def save_grafted(module: Any, grafted: Sequence[Any], path: str | Path, rule_name: str) -> Path:
+    """Write the grafted modules' tensors (native keys, e.g. ``vace_blocks.0.*``) to a safetensors file.
+
+    The file is what ``--weights`` reads back; the base model's weights are not repeated.
+    """
+    from safetensors.torch import save
+
+    prefixes = tuple(f"{g.name}." for g in grafted)
+    tensors = {
+        key: value.detach().to("cpu").contiguous().clone()
+        for key, value in module.state_dict().items()
+        if key.startswith(prefixes)
+    }
+    if not tensors:
+        raise InputError(f"nothing to save to {path}: the rule grafted no tensors", "drop --save")
+    return atomic_write_bytes(path, save(tensors, metadata={"format": "pt", "surgery_rule": rule_name}))
+
+
+def _plain(text: str) -> str:
+    return text.replace("**", "")
+
+
+def run_apply(opts: ApplyOptions, backend: Backend | None = None) -> int:
+    """``surgery apply``: rewrite MODEL by rule, optionally load weights, validate, save and report."""
+    if opts.dry_run and (opts.validate or opts.save or opts.weights):
+        flag = "--validate" if opts.validate else "--save" if opts.save else "--weights"
+        raise InputError(f"{flag} needs the rewritten model, which --dry-run does not build", f"drop --dry-run or {flag}")
+    backend = backend or engine_backend()
+    out = render.console()
+    loaded = load_model(opts.model, size=opts.size, seed=opts.seed)
+    rule = build_rule(opts.rule, opts.set, loaded)
+    result = backend.apply(loaded.model, rule, example_inputs=loaded.example_inputs, dry_run=opts.dry_run)
+    _print_result(out, result)
+
+    if opts.weights:
+        load_report = backend.load_weights(result.module, opts.weights, rule)
+        if load_report is not None and hasattr(load_report, "as_rows"):
+            out.print(render.rows_table(f"Weights: {opts.weights}", load_report.as_rows()))
+
+    validation = None
+    timings: dict[str, float] = {}
+    if opts.validate:
+        cases = list(backend.validation_cases(loaded, result))
+        if not cases:
+            raise InputError(f"no validation cases for model {opts.model}", "drop --validate or give example inputs")
+        start = time.perf_counter()
+        validation = run_validation(cases, debug=opts.debug)
+        timings["validate_s"] = time.perf_counter() - start
+        out.print(render.validation_table(validation))
+
+    if opts.save:
+        saved = save_grafted(result.module, result.grafted, opts.save, rule.name)
+        out.print(f"saved grafted weights to {saved}")
+
+    report = build_report(result, validation, timings, source=opts.model)
+    if opts.report:
+        paths = write_report(opts.report, report, render_markdown(report, result.base_graph, result.graph))
+        out.print(f"report: {paths[0]}, {paths[1]}")
+    out.print(_plain(summary_line(report)))
+    return 0 if validation is None or validation["passed"] else 1
+
+
+def run_validate(opts: ApplyOptions, backend: Backend | None = None) -> int:
+    """``surgery validate``: ``apply`` with validation always on."""
+    opts.validate = True
+    return run_apply(opts, backend)
+
+
+def default_golden(loaded: LoadedModel, rule_name: str = "vace") -> Path:
+    """``tests/goldens/<model>.graph.txt`` for a built-in model at size tiny (``<model>.<size>.graph.txt`` otherwise).
+
+    Goldens are per rule; the ``vace`` rule's are unqualified, others get ``<model>.<rule>``.
+    """
+    if not loaded.builtin:
+        raise InputError(f"model {loaded.name} has no built-in golden graph", "pass --golden FILE (create it with --update)")
+    stem = loaded.name if rule_name == "vace" else f"{loaded.name}.{rule_name}"
+    if loaded.size and loaded.size != "tiny":
+        stem += f".{loaded.size}"
+    return GOLDENS_DIR / f"{stem}.graph.txt"
+
+
+def run_diff(opts: DiffOptions, backend: Backend | None = None) -> int:
+    """``surgery diff``: compare the rewritten graph with its golden (exit 1 on drift) or ``--update`` it."""
+    backend = backend or engine_backend()
+    out = render.console()
+    loaded = load_model(opts.model, size=opts.size, seed=opts.seed)
+    rule = build_rule(opts.rule, opts.set, loaded)
+    golden_path = Path(opts.golden) if opts.golden else default_golden(loaded, opts.rule)
+    result = backend.apply(loaded.model, rule, example_inputs=loaded.example_inputs, dry_run=False)
+
+    golden = None
+    code = 0
+    if opts.update:
+        write_golden(result.graph, golden_path)
+        out.print(f"wrote golden {golden_path} ({len(result.graph.nodes)} nodes)")
+    else:
+        diff = compare_to_golden(result.graph, golden_path)
+        golden = golden_section(diff, golden_path)
+        if diff.equal:
+            out.print(f"graph matches golden {golden_path}")
+        else:
+            code = 1
+            counts = diff.counts()
+            out.print(f"[red]graph drifted from golden {golden_path}[/]: "
+                      f"{counts['added']} added, {counts['removed']} removed, {counts['changed']} changed")
+            colours = {"added": "green", "removed": "red", "changed": "yellow"}
+            for change in diff.node_changes:
+                out.print(f"  [{colours[change.status]}]{change.describe()}[/]", markup=True, highlight=False)
+            lines = diff.unified.splitlines()
+            out.print("\n".join(lines[:MAX_CONSOLE_DIFF_LINES]), markup=False, highlight=False)
+            if len(lines) > MAX_CONSOLE_DIFF_LINES:
+                out.print(f"... {len(lines) - MAX_CONSOLE_DIFF_LINES} more diff lines (use --report DIR for all)")
+            golden_flag = f" --golden {opts.golden}" if opts.golden else ""
+            out.print(f"if the change is intended: surgery diff {opts.model}{golden_flag} --update", markup=False)
+
+    if opts.report:
+        report = build_report(result, source=opts.model, golden=golden)
+        paths = write_report(opts.report, report, render_markdown(report, result.base_graph, result.graph))
+        out.print(f"report: {paths[0]}, {paths[1]}")
+    return code
+
+
+def run_models() -> int:
+    """``surgery models``: the built-in example models (exit 2 if one cannot be imported)."""
+    pipelines = builtin_pipelines()
+    if not pipelines:
+        raise InputError("no built-in models: examples.PIPELINES is missing",
+                         "run from the repository root (or install it) so `examples` imports")
+    table = Table(title=f"Built-in models ({len(pipelines)})", title_justify="left")
+    table.add_column("name", no_wrap=True)
+    for col in ("base", "frames", "window", "sink", "vace layers", "in"):
+        table.add_column(col, no_wrap=True)
+    table.caption = ("frames: latent frames per chunk; window: local_attn_size; sink: sink frames; "
+                     "vace layers / in: VACE defaults at the base size")
+    broken: list[str] = []
+    for name in pipelines:
+        try:
+            spec = pipelines[name]
+        except Exception as exc:  # one broken stand-in must not hide the others
+            broken.append(f"{name}: {type(exc).__name__}: {exc}")
+            table.add_row(name, "[red]broken[/]", *["-"] * 5)
+            continue
+        config = getattr(spec, "config", None)
+
+        def cfg(key: str, default: str = "-") -> str:
+            value = getattr(config, key, None)
+            if isinstance(value, (tuple, list)):
+                items = [str(v) for v in value]
+                return ",".join(items) if len(items) <= 4 else f"{','.join(items[:3])},...,{items[-1]}"
+            return default if value is None else str(value)
+
+        table.add_row(
+            name,
+            cfg("base_model"),
+            cfg("num_frame_per_block"),
+            cfg("local_attn_size"),
+            cfg("sink_size"),
+            cfg("vace_layers", "0,2,4,..."),
+            cfg("vace_in_dim"),
+        )
+    out = render.console()
+    out.print(table)
+    out.print("sizes: --size tiny (default), 1.3B, 14B; MODEL may also be package.module:factory")
+    if broken:
+        raise InputError(f"built-in model {broken[0]}", "fix the stand-in module so that it imports")
+    return 0
+
+
+def _describe_options(factory: Callable[..., Any]) -> str:
+    params = rule_parameters(factory)
+    if params is None:
+        return "**kwargs"
+    parts = []
+    for name, p in params.items():
+        parts.append(name if p.default is inspect.Parameter.empty else f"{name}={p.default!r}")
+    return ", ".join(parts) or "(none)"
+
+
+def run_rules() -> int:
+    """``surgery rules``: registered rules and their options (exit 2 if one cannot be imported)."""
+    from rules import RULES
+
+    table = Table(title=f"Rules ({len(RULES)})", title_justify="left")
+    for col in ("name", "description", "options (--set KEY=VALUE)"):
+        table.add_column(col)
+    broken: list[str] = []
+    for name in RULES:
+        try:
+            factory = RULES[name]
+        except Exception as exc:  # a rule module that fails to import is reported, not fatal for the listing
+            broken.append(f"{name}: {type(exc).__name__}: {exc}")
+            table.add_row(name, f"[red]unavailable[/]: {type(exc).__name__}: {exc}", "-")
+            continue
+        doc = (inspect.getdoc(factory) or "").strip().splitlines()
+        table.add_row(name, doc[0] if doc else "", _describe_options(factory))
+    render.console().print(table)
+    if broken:
+        raise InputError(f"rule {broken[0]}", "fix the rule module so that it imports")
+    return 0
+
+
+def run_bench(argv: Sequence[str]) -> int:
+    """``surgery bench``: delegates to ``surgery.bench.main(argv)`` when the benchmark module exists."""
+    if importlib.util.find_spec("surgery.bench") is None:
+        raise InputError("`surgery bench` is not available yet (surgery/bench.py is missing)", "use a build that includes the benchmarks")
+    bench = importlib.import_module("surgery.bench")
+    return int(bench.main(list(argv)) or 0)
+
+
+__all__ = [
+    "ApplyOptions",
+    "Backend",
+    "DiffOptions",
+    "GOLDENS_DIR",
+    "default_golden",
+    "engine_backend",
+    "run_apply",
+    "run_bench",
+    "run_diff",
+    "run_models",
+    "run_rules",
+    "run_validate",
+    "run_validation",
+    "save_grafted",
+]

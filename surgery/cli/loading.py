@@ -1,0 +1,196 @@
+"""Resolve the CLI's MODEL argument and ``--rule``/``--set`` options into objects.
+
+MODEL is either a built-in example name (a key of ``examples.PIPELINES``) or
+``package.module:factory``, where ``factory()`` returns a model or ``(model, (args, kwargs))``.
+"""
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch.nn as nn
+
+from surgery.errors import InputError
+
+SIZES = ("tiny", "1.3B", "14B")
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for surgery, with what the CLI knows about where it came from."""
+
+    name: str  # the MODEL argument as given (built-in name or package.module:factory)
+    model: nn.Module
+    example_inputs: tuple[tuple, dict] | None
+    pipeline: Any = None  # examples PipelineSpec for built-in models, else None
+    size: str | None = None
+
+    @property
+    def builtin(self) -> bool:
+        return self.pipeline is not None
+
+
+def builtin_pipelines() -> Mapping[str, Any]:
+    """``examples.PIPELINES`` ({} when the examples package does not provide it)."""
+    try:
+        examples = importlib.import_module("examples")
+    except ImportError:
+        return {}
+    return getattr(examples, "PIPELINES", {}) or {}
+
+
+def _example_call(model: nn.Module, pipeline: Any, seed: int) -> tuple[tuple, dict]:
+    # The streaming driver knows each pipeline's call convention (spec 8.3).
+    driver = importlib.import_module("examples.driver")
+    args, kwargs = driver.example_call(model, pipeline, seed=seed)
+    return tuple(args), dict(kwargs)
+
+
+def _load_builtin(name: str, pipeline: Any, size: str | None, seed: int) -> LoadedModel:
+    size = size or "tiny"
+    if size not in SIZES:
+        raise InputError(f"unknown size {size!r}", f"use one of {', '.join(SIZES)}")
+    model = pipeline.build(size=size, seed=seed)
+    return LoadedModel(name=name, model=model, example_inputs=_example_call(model, pipeline, seed), pipeline=pipeline, size=size)
+
+
+def _split_example(value: Any, spec: str) -> tuple[nn.Module, tuple[tuple, dict] | None]:
+    if isinstance(value, nn.Module):
+        return value, None
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], nn.Module):
+        inputs = value[1]
+        if inputs is None:
+            return value[0], None
+        if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], Mapping):
+            return value[0], (tuple(inputs[0]), dict(inputs[1]))
+        raise InputError(
+            f"factory {spec} returned example inputs of type {type(inputs).__name__}",
+            "return (model, (args_tuple, kwargs_dict))",
+        )
+    raise InputError(
+        f"factory {spec} returned {type(value).__name__}, not a torch.nn.Module",
+        "return a model or (model, (args, kwargs)) from the factory",
+    )
+
+
+def _load_factory(spec: str) -> LoadedModel:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise InputError(f"bad model reference {spec!r}", "write it as package.module:factory")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure of user code is an input problem
+        raise InputError(
+            f"cannot import {module_name!r} for model {spec}: {type(exc).__name__}: {exc}",
+            "check the module path and that it imports (PYTHONPATH)",
+        ) from exc
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise InputError(f"{module_name!r} has no attribute {attr!r} (model {spec})", "name an existing factory function")
+        target = getattr(target, part)
+    if isinstance(target, nn.Module):
+        value: Any = target
+    elif callable(target):
+        value = target()
+    else:
+        raise InputError(f"{spec} is a {type(target).__name__}, not a model factory", "point MODEL at a function that returns a model")
+    model, inputs = _split_example(value, spec)
+    return LoadedModel(name=spec, model=model, example_inputs=inputs)
+
+
+def load_model(spec: str, size: str | None = None, seed: int = 0) -> LoadedModel:
+    """Build the model named by the CLI's MODEL argument.
+
+    Raises :class:`InputError` for an unknown name, an unimportable module or a factory
+    that does not return a model.
+    """
+    pipelines = builtin_pipelines()
+    if spec in pipelines:
+        return _load_builtin(spec, pipelines[spec], size, seed)
+    if ":" in spec:
+        return _load_factory(spec)
+    known = ", ".join(sorted(pipelines)) or "(none installed)"
+    raise InputError(f"unknown model {spec!r}", f"use a built-in model ({known}) or package.module:factory")
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """Parse ``--set KEY=VALUE`` items; VALUE is a Python literal (``96``, ``[0, 2]``, ``None``) or else a string."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not _KEY.match(key):
+            raise InputError(f"bad --set {item!r}", "write --set KEY=VALUE, e.g. --set vace_layers=[0,2]")
+        try:
+            value: Any = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        options[key] = value
+    return options
+
+
+def rule_factory(name: str) -> Callable[..., Any]:
+    """The factory registered as ``rules.RULES[name]``."""
+    from rules import RULES
+
+    if name not in RULES:
+        raise InputError(f"unknown rule {name!r}", f"use one of {', '.join(RULES)} (see `surgery rules`)")
+    return RULES[name]
+
+
+def rule_parameters(factory: Callable[..., Any]) -> dict[str, inspect.Parameter] | None:
+    """Named options a rule factory accepts (``None`` if it takes ``**kwargs``)."""
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def build_rule(name: str, settings: Sequence[str], loaded: LoadedModel | None = None) -> Any:
+    """Build rule ``name`` from ``--set`` items.
+
+    For a built-in model built at its pipeline's real size (``config.base_model``), any rule
+    option the pipeline's config also names (``vace_in_dim``, ``vace_layers``) defaults to
+    the pipeline's value, because those values describe the real checkpoint (a 40-layer
+    layer list does not fit a 4-layer tiny build). ``--set`` always wins.
+    """
+    factory = rule_factory(name)
+    given = parse_set(settings)
+    params = rule_parameters(factory)
+    if params is not None:
+        unknown = sorted(set(given) - set(params))
+        if unknown:
+            raise InputError(
+                f"unknown option {', '.join(unknown)} for rule {name}",
+                f"use one of {', '.join(params) or '(none)'}",
+            )
+    options: dict[str, Any] = {}
+    config = getattr(loaded.pipeline, "config", None) if loaded is not None else None
+    if config is not None and params is not None and loaded.size == getattr(config, "base_model", None):
+        options = {k: getattr(config, k) for k in params if hasattr(config, k)}
+    options.update(given)
+    if params is not None:
+        # Names were checked above; a TypeError now is a bug in the rule, not bad input.
+        return factory(**options)
+    try:
+        return factory(**options)
+    except TypeError as exc:
+        raise InputError(f"rule {name} rejected its options: {exc}", "check `surgery rules` for the option names") from exc
+
+
+__all__ = [
+    "SIZES",
+    "LoadedModel",
+    "build_rule",
+    "builtin_pipelines",
+    "load_model",
+    "parse_set",
+    "rule_factory",
+    "rule_parameters",
+]

@@ -1,0 +1,90 @@
+"""Rich tables and progress for the command line (the report files are built elsewhere)."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+def console(stderr: bool = False) -> Console:
+    """A console bound to the *current* sys.stdout/sys.stderr (so pytest's capture sees it)."""
+    # soft_wrap: long diff lines and change descriptions stay on one line (copyable, greppable).
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def matches_table(matches: Sequence[Any]) -> Table:
+    table = Table(title=f"Matches ({len(matches)})", title_justify="left")
+    for col in ("#", "module", "class", "hint"):
+        table.add_column(col)
+    for m in matches:
+        table.add_row(str(m.position), m.name, m.cls, "-" if m.hint_index is None else str(m.hint_index))
+    return table
+
+
+def grafted_table(grafted: Sequence[Any]) -> Table:
+    total = sum(g.params for g in grafted)
+    table = Table(title=f"Grafted modules ({len(grafted)}, {total:,} parameters)", title_justify="left")
+    table.add_column("module")
+    table.add_column("parameters", justify="right")
+    for g in grafted:
+        table.add_row(g.name, f"{g.params:,}")
+    return table
+
+
+def guards_table(guards: Sequence[Any]) -> Table:
+    table = Table(title=f"Guards ({len(guards)})", title_justify="left")
+    for col in ("kind", "expression", "value", "where"):
+        table.add_column(col)
+    for g in guards:
+        table.add_row(g.kind, g.expr, str(g.value), g.where)
+    return table
+
+
+def validation_table(validation: Mapping[str, Any]) -> Table:
+    verdict = "[green]passed[/]" if validation["passed"] else "[red]FAILED[/]"
+    table = Table(title=f"Validation: {verdict}", title_justify="left")
+    table.add_column("case")
+    table.add_column("max abs diff", justify="right")
+    table.add_column("tolerance", justify="right")
+    table.add_column("result")
+    for c in validation["cases"]:
+        diff = "n/a" if c["max_abs_diff"] is None else f"{c['max_abs_diff']:.3g}"
+        result = "[green]pass[/]" if c["passed"] else f"[red]FAIL[/] {c.get('error') or ''}".rstrip()
+        table.add_row(c["name"], diff, f"{c['tolerance']:.3g}", result)
+    return table
+
+
+def rows_table(title: str, rows: Sequence[tuple[str, str]]) -> Table:
+    """Two-column ``field | value`` table (e.g. ``LoadReport.as_rows()``)."""
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def progress(out: Console) -> Progress:
+    """The progress bar shown while validation cases run."""
+    return Progress(
+        TextColumn("[bold]validating[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=out,
+        transient=True,
+    )
+
+
+__all__ = [
+    "console",
+    "grafted_table",
+    "guards_table",
+    "matches_table",
+    "progress",
+    "rows_table",
+    "validation_table",
+]

@@ -1,0 +1,107 @@
+"""Building new modules that look like existing ones, without copying their weights.
+
+A grafted unit must be "the model's own block structure with new parameters". Deep-copying
+a matched block would also copy run-time state that does not belong to a fresh block (for
+example fused projections created after loading), so the builder constructs a new instance
+of the block's class, reading constructor arguments from the block's attributes the way a
+hand-written wrapper does (duck typing), and allocates its parameters without random init.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from ..errors import GraftError
+
+
+def constructor_arguments(module: nn.Module, root: nn.Module | None = None,
+                          overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Arguments for ``type(module)(**kwargs)``, read from the module's attributes.
+
+    Lookup order per constructor parameter: ``overrides``, the module, its descendants
+    (first hit in definition order), ``root``, the parameter's default.
+    """
+    overrides = dict(overrides or {})
+    signature = inspect.signature(type(module).__init__)
+    found: dict[str, Any] = {}
+    owners = [module] + [m for _, m in module.named_modules() if m is not module] + ([root] if root is not None else [])
+    for name, param in list(signature.parameters.items())[1:]:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if name in overrides:
+            found[name] = overrides[name]
+            continue
+        for owner in owners:
+            if name in vars(owner) and not name.startswith("_"):
+                found[name] = vars(owner)[name]
+                break
+        else:
+            if param.default is inspect.Parameter.empty:
+                raise GraftError(
+                    f"cannot rebuild {type(module).__name__}: constructor argument '{name}' is not an "
+                    f"attribute of the module, its children or the model",
+                    f"pass it in the rule's constructor overrides, e.g. {{'{name}': ...}}")
+    return found
+
+
+def allocate(module: nn.Module, *, device: torch.device, dtype: torch.dtype, init: str = "zeros") -> nn.Module:
+    """Give a meta-built module real storage.
+
+    ``zeros`` costs no random init (weights are expected to be loaded); ``default`` runs
+    each submodule's ``reset_parameters`` for a randomly initialised branch.
+    """
+    for owner in module.modules():
+        for name, param in list(owner._parameters.items()):
+            if param is None:
+                continue
+            target = dtype if param.is_floating_point() else param.dtype
+            owner._parameters[name] = nn.Parameter(
+                torch.zeros(param.shape, dtype=target, device=device), requires_grad=param.requires_grad)
+        for name, buf in list(owner._buffers.items()):
+            if buf is not None:
+                owner._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+        for attr, value in list(vars(owner).items()):
+            if isinstance(value, torch.Tensor) and not attr.startswith("_") and value.device.type == "meta":
+                raise GraftError(f"{type(owner).__name__}.{attr} is a plain tensor built in __init__",
+                                 "build the graft on a real device, or make it a buffer")
+    if init == "default":
+        with torch.no_grad():
+            for owner in module.modules():
+                reset = getattr(owner, "reset_parameters", None)
+                if callable(reset):
+                    reset()
+    elif init != "zeros":
+        raise GraftError(f"unknown graft init '{init}'", "use 'zeros' or 'default'")
+    return module
+
+
+def rebuild_like(module: nn.Module, *, root: nn.Module | None = None,
+                 overrides: Mapping[str, Any] | None = None, init: str = "zeros") -> nn.Module:
+    """A fresh instance of ``module``'s class with the same configuration and new parameters."""
+    reference = next(module.parameters(), None)
+    device = reference.device if reference is not None else torch.device("cpu")
+    dtype = reference.dtype if reference is not None else torch.get_default_dtype()
+    kwargs = constructor_arguments(module, root, overrides)
+    try:
+        with torch.device("meta"):
+            fresh = type(module)(**kwargs)
+    except Exception as error:  # the constructor's own validation
+        raise GraftError(f"cannot rebuild {type(module).__name__}({kwargs}): {error}",
+                         "pass the missing constructor arguments as rule overrides") from error
+    if device.type == "meta":
+        return fresh
+    fresh = allocate(fresh, device=device, dtype=dtype, init=init)
+    fresh.train(module.training)
+    return fresh
+
+
+def zero_linear(features: int, *, device: torch.device, dtype: torch.dtype) -> nn.Linear:
+    """A ``Linear(features, features)`` whose weight and bias are zero (an exact no-op branch)."""
+    with torch.device("meta"):
+        layer = nn.Linear(features, features)
+    if device.type == "meta":
+        return layer
+    return allocate(layer, device=device, dtype=dtype)

@@ -1,0 +1,43 @@
+"""The build order Base -> VACE -> LoRA, enforced.
+
+Surgery rebuilds blocks and copies weights by their native state_dict names; once PEFT
+has wrapped a Linear its weight lives at ``...q.base_layer.weight`` and the adapters at
+``...lora_A.<name>.weight``, so surgery on a LoRA-carrying model would silently drop
+the adapters or leave grafted blocks without weights.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from surgery.errors import OrderError
+
+
+def peft_layer_names(model: nn.Module) -> list[str]:
+    """Qualified names of the PEFT tuner layers inside ``model`` (empty if none)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def check_order(model: nn.Module) -> None:
+    """Raise :class:`OrderError` if ``model`` is a PEFT model or already has LoRA layers.
+
+    Call it before any surgery; LoRA belongs last: Base -> VACE -> LoRA.
+    """
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    fix = (
+        "build in the order Base -> VACE -> LoRA: run the surgery and load the VACE weights on the plain base "
+        "model, then load LoRAs; if LoRA was applied first, start again from the base model (or merge_and_unload() "
+        "the adapters first)"
+    )
+    if isinstance(model, (PeftModel, BaseTuner)):
+        raise OrderError(f"the model is already a PEFT {type(model).__name__}, so surgery would come after LoRA", fix)
+    layers = peft_layer_names(model)
+    if layers:
+        raise OrderError(
+            f"the model already contains {len(layers)} LoRA/PEFT layers (e.g. {layers[0]!r}), so surgery would come "
+            "after LoRA",
+            fix,
+        )

@@ -1,0 +1,180 @@
+"""Structural patterns over traced module calls.
+
+A pattern is an ordered list of named checks. Each check looks at one traced call (its
+nodes, its stream input and output) and either passes or says why it failed, so a
+non-match can be explained by the first check that failed. Class names are never read.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..tracing.tracer import ConcreteProxy, ModuleCall
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Mish)
+
+
+@dataclass
+class CallView:
+    """What the checks see of one traced module call."""
+
+    call: ModuleCall
+    root: nn.Module
+    nodes: list[fx.Node]
+    stream_in: fx.Node | None
+    stream_out: fx.Node | None
+
+    @property
+    def qualname(self) -> str:
+        return self.call.qualname
+
+    def module_of(self, node: fx.Node) -> nn.Module | None:
+        if node.op != "call_module":
+            return None
+        return self.root.get_submodule(node.target)
+
+    def derived_from_stream(self) -> set[fx.Node]:
+        """Nodes of this call that depend on the stream input."""
+        reached: set[fx.Node] = {self.stream_in} if self.stream_in is not None else set()
+        for node in self.nodes:
+            if any(a in reached for a in node.all_input_nodes):
+                reached.add(node)
+        return reached
+
+
+def view_of(call: ModuleCall, root: nn.Module) -> CallView:
+    nodes: list[fx.Node] = []
+    node = call.first_node
+    while node is not None and node.op != "root":
+        nodes.append(node)
+        if node is call.last_node:
+            break
+        node = node.next
+    stream_in = call.args[0].node if call.args and isinstance(call.args[0], ConcreteProxy) else None
+    out = call.output
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    stream_out = out.node if isinstance(out, ConcreteProxy) else None
+    return CallView(call, root, nodes, stream_in, stream_out)
+
+
+def _example(node: fx.Node | None) -> object:
+    return None if node is None else node.meta.get("example_value")
+
+
+# A check returns None on success or a short reason on failure.
+Check = Callable[[CallView], "str | None"]
+
+
+def residual_stream(view: CallView) -> str | None:
+    x, y = _example(view.stream_in), _example(view.stream_out)
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
+        return "first argument is not a [batch, tokens, dim] tensor"
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        return f"no output with the input's shape {tuple(x.shape)}"
+    return None
+
+
+def residual_adds(view: CallView, minimum: int = 2) -> str | None:
+    count, node = 0, view.stream_out
+    while node is not None and node is not view.stream_in:
+        if node.op == "call_function" and node.target in _ADDS and node.args:
+            count += 1
+            node = node.args[0] if isinstance(node.args[0], fx.Node) else None
+        else:
+            return f"output is not reached from the input through residual adds (stopped at `{node.name}`)"
+    if node is None:
+        return "output is not reached from the input through residual adds"
+    if count < minimum:
+        return f"only {count} residual add(s), expected at least {minimum}"
+    return None
+
+
+def _opaque_calls(view: CallView) -> Iterable[fx.Node]:
+    for node in view.nodes:
+        module = view.module_of(node)
+        if module is not None and not type(module).__module__.startswith("torch.nn"):
+            yield node
+
+
+def _external_sequence(view: CallView, node: fx.Node, dim: int, stream: set[fx.Node]) -> bool:
+    inside = set(view.nodes)
+    for arg in node.all_input_nodes:
+        value = _example(arg)
+        if arg in stream or arg in inside:
+            continue
+        if isinstance(value, torch.Tensor) and value.dim() == 3 and value.shape[-1] == dim \
+                and value.is_floating_point():
+            return True
+    return False
+
+
+def self_attention(view: CallView) -> str | None:
+    stream = view.derived_from_stream()
+    dim = _example(view.stream_in).shape[-1]
+    for node in _opaque_calls(view):
+        if node.args and node.args[0] in stream and not _external_sequence(view, node, dim, stream):
+            return None
+    return "no attention call that reads only the block's own tokens"
+
+
+def cross_attention(view: CallView) -> str | None:
+    stream = view.derived_from_stream()
+    dim = _example(view.stream_in).shape[-1]
+    for node in _opaque_calls(view):
+        if node.args and node.args[0] in stream and _external_sequence(view, node, dim, stream):
+            return None
+    return "no attention call that reads the block's tokens and an external [batch, tokens, dim] context"
+
+
+def feed_forward(view: CallView) -> str | None:
+    stream = view.derived_from_stream()
+    for node in view.nodes:
+        first = view.module_of(node)
+        if not isinstance(first, nn.Linear) or node not in stream:
+            continue
+        for act in node.users:
+            if not (isinstance(view.module_of(act), _ACTIVATIONS) or
+                    (act.op == "call_function" and getattr(act.target, "__name__", "") in ("gelu", "silu", "relu"))):
+                continue
+            for second_node in act.users:
+                second = view.module_of(second_node)
+                if isinstance(second, nn.Linear) and second.in_features == first.out_features \
+                        and second.out_features == first.in_features:
+                    return None
+    return "no Linear -> activation -> Linear feed-forward on the block's tokens"
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A named structural pattern: an ordered list of (name, check) pairs."""
+
+    name: str
+    checks: tuple[tuple[str, Check], ...]
+
+    def evaluate(self, view: CallView) -> tuple[int, str | None, str | None]:
+        """(checks passed, first failing check, its reason)."""
+        for passed, (name, check) in enumerate(self.checks):
+            reason = check(view)
+            if reason is not None:
+                return passed, name, reason
+        return len(self.checks), None, None
+
+
+ATTENTION_BLOCK = Pattern(
+    "attention block",
+    (
+        ("residual stream", residual_stream),
+        ("residual adds", residual_adds),
+        ("self-attention", self_attention),
+        ("cross-attention", cross_attention),
+        ("feed-forward", feed_forward),
+    ),
+)
+"""A residual unit holding self-attention, cross-attention and an FFN (a transformer block)."""

@@ -1,0 +1,100 @@
+"""The rewritten model: the input model's class plus a dispatcher over specialised graphs.
+
+Each call is matched against the guards of the cached specialisations (most recent
+first). A call that fits none is traced and rewritten again, never run on a wrong graph.
+The cache is bounded; evictions are counted so leaks show up in reports.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+from .rewriting.specialise import Specialisation, call_signature, specialise
+from .rule import Rule
+
+_CLASSES: dict[type, type] = {}
+
+
+@dataclass
+class SurgeryState:
+    """Per-model surgery bookkeeping (kept out of ``state_dict`` and ``named_modules``)."""
+
+    rule: Rule
+    base_cls: type
+    latent_input: str | None
+    limit: int = 8
+    specialisations: "OrderedDict[int, Specialisation]" = field(default_factory=OrderedDict)
+    evictions: int = 0
+    built: int = 0
+    last_misses: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    _next_key: int = 0
+
+    @property
+    def guards(self) -> list:
+        return [g for spec in self.specialisations.values() for g in spec.guards.notes]
+
+    def split(self, args: tuple, kwargs: dict) -> tuple[dict[str, Any], dict[str, Any], int]:
+        kwargs = dict(kwargs)
+        rule_inputs = {name: kwargs.pop(name, default) for name, default in self.rule.inputs.items()}
+        inputs: dict[str, Any] = {f"arg{i}": value for i, value in enumerate(args)}
+        inputs.update(sorted(kwargs.items()))
+        return inputs, rule_inputs, len(args)
+
+    def lookup(self, model: nn.Module, inputs: dict[str, Any]) -> Specialisation | None:
+        signature = call_signature(inputs)
+        misses = []
+        for key in reversed(self.specialisations):
+            spec = self.specialisations[key]
+            failure = spec.guards.first_failure(signature, inputs, model)
+            if failure is None:
+                self.specialisations.move_to_end(key)
+                return spec
+            misses.append(failure)
+        self.last_misses = misses
+        return None
+
+    def add(self, spec: Specialisation) -> None:
+        self.specialisations[self._next_key] = spec
+        self._next_key += 1
+        self.built += 1
+        while len(self.specialisations) > self.limit:
+            self.specialisations.popitem(last=False)
+            self.evictions += 1
+
+    def prepare(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str, Any], int]:
+        inputs, rule_inputs, positional = self.split(args, kwargs)
+        latent = inputs.get(self.latent_input) if self.latent_input else None
+        inputs.update(self.rule.check_call(rule_inputs, inputs, latent, model))
+        return inputs, positional
+
+    def call(self, model: nn.Module, args: tuple, kwargs: dict) -> Any:
+        inputs, positional = self.prepare(model, args, kwargs)
+        spec = self.lookup(model, inputs)
+        if spec is None:
+            spec, _, _ = specialise(model, self.base_cls, self.rule, inputs, positional)
+            self.add(spec)
+            self.reasons.append("; ".join(self.last_misses) if self.last_misses else "first call")
+        return spec(model, inputs)
+
+
+class RewrittenModel(nn.Module):
+    """Mixin placed in front of the input model's class; see the module docstring."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102 - documented above
+        return self.surgery_state.call(self, args, kwargs)
+
+    @property
+    def surgery_state(self) -> SurgeryState:
+        return self.__dict__["_surgery"]
+
+
+def rewritten_class(base_cls: type) -> type:
+    """``Rewritten<Base>``: subclass of both, so ``isinstance(m, Base)`` still holds."""
+    if base_cls not in _CLASSES:
+        _CLASSES[base_cls] = type(f"Rewritten{base_cls.__name__}", (RewrittenModel, base_cls),
+                                  {"__module__": base_cls.__module__})
+    return _CLASSES[base_cls]

@@ -1,0 +1,111 @@
+"""Atomic file writes for reports and goldens.
+
+A report that CI reads must never be half-written: each file is written to a temporary
+file in the same directory, flushed and fsynced, and only then moved over the final name
+with ``os.replace`` (atomic on POSIX and Windows when source and target share a volume).
+When several files form one report, all of them are staged before any is replaced, so a
+failure while writing leaves every final file untouched.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+from surgery.errors import ReportError
+
+
+def _fix_for(directory: Path) -> str:
+    return f"make {directory} writable or write somewhere else (e.g. another --report DIR), and check free disk space"
+
+
+def _ensure_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(
+            f"cannot create report directory {directory}: {exc.strerror or exc}", _fix_for(directory)
+        ) from exc
+    if not directory.is_dir():
+        raise ReportError(f"report path {directory} exists and is not a directory", _fix_for(directory))
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not supported everywhere (e.g. Windows), so best effort.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _stage(path: Path, data: bytes) -> Path:
+    """Write ``data`` to a fsynced temporary file next to ``path``; return the temp path."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        _remove_quietly(Path(tmp))
+        raise
+    return Path(tmp)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def atomic_write_many(files: Mapping[str | os.PathLike[str], str | bytes]) -> list[Path]:
+    """Write several files so that each is either its old content or complete new content.
+
+    Every file is staged first; replacement starts only once all temporaries are on disk.
+    Raises :class:`ReportError` naming the directory and the fix; no temporary is left
+    behind on failure. Returns the final paths.
+    """
+    targets = [(Path(p), data.encode("utf-8") if isinstance(data, str) else bytes(data)) for p, data in files.items()]
+    staged: list[tuple[Path, Path]] = []
+    current = targets[0][0] if targets else Path(".")
+    try:
+        for path, data in targets:
+            current = path
+            _ensure_dir(path.parent)
+            staged.append((_stage(path, data), path))
+        for tmp, path in staged:
+            current = path
+            os.replace(tmp, path)
+    except OSError as exc:
+        for tmp, _ in staged:
+            _remove_quietly(tmp)
+        failed = current.parent
+        raise ReportError(f"cannot write {current.name} in {failed}: {exc.strerror or exc}", _fix_for(failed)) from exc
+    except BaseException:
+        for tmp, _ in staged:
+            _remove_quietly(tmp)
+        raise
+    for directory in {path.parent for _, path in staged}:
+        _fsync_dir(directory)
+    return [path for path, _ in targets]
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Atomically write ``text`` (UTF-8) to ``path``, creating parent directories."""
+    return atomic_write_many({path: text})[0]
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Atomically write ``data`` to ``path``, creating parent directories."""
+    return atomic_write_many({path: data})[0]
+
+
+__all__ = ["atomic_write_bytes", "atomic_write_many", "atomic_write_text"]

@@ -1,0 +1,163 @@
+"""One specialisation: trace a call, match the rule's pattern, apply its actions, compile.
+
+A specialised graph is valid only for calls that satisfy its :class:`GuardSet`. The
+model's own Python runs once per specialisation (on a meta twin); afterwards calls run
+the generated code directly.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import TraceError
+from ..matching.matcher import Match, MatchResult, expect_count, find_chain
+from ..matching.pattern import CallView
+from ..rule import Rule, Site, Where
+from ..tracing.guards import Guard, GuardSet, evaluate, snapshot_state, tensor_meta
+from ..tracing.tracer import ConcreteProxy, ExampleTracer, Trace
+from ..tracing.twin import meta_inputs, meta_twin
+
+
+def input_kind(value: Any) -> tuple:
+    if value is None:
+        return ("none",)
+    if isinstance(value, torch.Tensor):
+        return ("tensor",) + tensor_meta(value)
+    return (type(value).__name__,)
+
+
+def call_signature(inputs: dict[str, Any]) -> tuple:
+    return tuple((name, input_kind(value)) for name, value in inputs.items())
+
+
+@dataclass
+class Specialisation:
+    """A compiled graph plus the guards under which it is valid."""
+
+    guards: GuardSet
+    graph: fx.Graph
+    code: str
+    fn: Callable[..., Any]
+    input_names: list[str]
+    matches: list[Match]
+    trace_s: float
+    rewrite_s: float
+    leaf_calls: dict[str, list[str]] = field(default_factory=dict)
+
+    def __call__(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
+        return self.fn(model, model, *[inputs[name] for name in self.input_names])
+
+
+def trace_base(model: nn.Module, base_cls: type, rule: Rule, inputs: dict[str, Any],
+               base_names: list[str], positional: int) -> tuple[ExampleTracer, Trace, nn.Module]:
+    """Trace ``base_cls.forward`` on a meta twin of ``model`` with example ``inputs``."""
+    twin = meta_twin(model)
+    twin.__class__ = base_cls
+    tracer = ExampleTracer(rule.trace_policy)
+
+    def call(root_proxy: ConcreteProxy, proxies: dict[str, Any]) -> Any:
+        args = [proxies[f"arg{i}"] for i in range(positional)]
+        kwargs = {name: proxies[name] for name in base_names if not name.startswith("arg")}
+        return base_cls.forward(twin, *args, **kwargs)
+
+    trace = tracer.trace_call(twin, meta_inputs(inputs), call)
+    return tracer, trace, twin
+
+
+def match(trace: Trace, twin: nn.Module, rule: Rule, model: nn.Module) -> MatchResult:
+    result = find_chain(trace, twin, rule.pattern)
+    if rule.expected is not None:
+        expect_count(result, rule.pattern, rule.expected(model), rule.name)
+    elif not result.matches:
+        expect_count(result, rule.pattern, 1, rule.name)
+    count = len(result.matches)
+    result.matches = [Match(m.name, m.cls, m.position, rule.assign(m.position, count)) for m in result.matches]
+    return result
+
+
+def _site(view: CallView, match_: Match, stream: Any, tracer: ExampleTracer, rule: Rule,
+          twin: nn.Module, scratch: dict) -> Site:
+    signature = inspect.signature(type(view.call.module).forward)
+    bound = signature.bind(view.call.module, *view.call.args, **view.call.kwargs)
+    arguments = dict(list(bound.arguments.items())[1:])
+    params = list(signature.parameters.values())[1:]
+    required = {p.name: arguments[p.name] for p in params[1:]
+                if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                and p.name in arguments}
+    rule_inputs = {name: tracer.input_proxies.get(name) for name in rule.inputs}
+    return Site(match_, stream, arguments, required, rule_inputs, twin, scratch)
+
+
+def rewrite(tracer: ExampleTracer, trace: Trace, result: MatchResult, rule: Rule, twin: nn.Module) -> None:
+    """Apply the rule's actions to the traced graph, in place."""
+    graph = trace.graph
+    scratch: dict[str, Any] = {}
+    for where, action in rule.actions:
+        if where is Where.BEFORE_FIRST:
+            view, match_ = result.views[0], result.matches[0]
+            stream = view.call.args[0]
+            with tracer.patched(action), graph.inserting_before(view.nodes[0]):
+                tracer.run(action, _site(view, match_, stream, tracer, rule, twin, scratch))
+        elif where is Where.AFTER_EACH:
+            for view, match_ in zip(result.views, result.matches):
+                out = view.call.output
+                stream = out[0] if isinstance(out, (tuple, list)) else out
+                before = set(graph.nodes)
+                with tracer.patched(action), graph.inserting_before(view.stream_out.next):
+                    replacement = tracer.run(action, _site(view, match_, stream, tracer, rule, twin, scratch))
+                if replacement is None:
+                    continue
+                created = set(graph.nodes) - before
+                for node in created:
+                    node.meta.setdefault("surgery", {"rule": rule.name, "role": "inject", "index": match_.hint_index})
+                view.stream_out.replace_all_uses_with(replacement.node, delete_user_cb=lambda user: user not in created)
+        else:  # pragma: no cover - enum is closed
+            raise TraceError(f"unknown action position {where}")
+    graph.lint()
+
+
+def compile_graph(graph: fx.Graph) -> tuple[str, Callable[..., Any]]:
+    """Generate Python for ``graph`` whose ``self`` is the live model (PEFT-visible)."""
+    for node in graph.nodes:
+        # fx marks autowrapped calls so that a retrace re-wraps them; this code is never retraced.
+        node.meta.pop("is_wrapped", None)
+    code = graph.python_code(root_module="self")
+    namespace = dict(code.globals)
+    exec(compile(code.src, "<surgery-specialisation>", "exec"), namespace)
+    return code.src, namespace["forward"]
+
+
+def specialise(model: nn.Module, base_cls: type, rule: Rule, inputs: dict[str, Any], positional: int,
+               with_actions: bool = True) -> tuple[Specialisation, Trace, MatchResult]:
+    """Build the specialisation for ``inputs`` (real values; nothing real is executed)."""
+    base_names = [n for n in inputs if n not in rule.inputs]
+    started = time.perf_counter()
+    tracer, trace, twin = trace_base(model, base_cls, rule, inputs, base_names, positional)
+    trace_s = time.perf_counter() - started
+    started = time.perf_counter()
+    result = match(trace, twin, rule, model)
+    if with_actions:
+        marker = set(trace.graph.nodes)
+        rewrite(tracer, trace, result, rule, twin)
+        for node in trace.graph.nodes:
+            if node not in marker and "surgery" not in node.meta:
+                node.meta["surgery"] = {"rule": rule.name, "role": "branch", "index": None}
+    code, fn = compile_graph(trace.graph)
+    rewrite_s = time.perf_counter() - started
+    deps = set(tracer.deps)
+    guards = GuardSet(
+        signature=call_signature(inputs),
+        deps={dep: evaluate(dep, inputs, model) for dep in deps},
+        state=snapshot_state(model, [""] + tracer.traced_modules),
+        notes=list(tracer.notes),
+    )
+    spec = Specialisation(guards, trace.graph, code, fn, list(trace.inputs), result.matches, trace_s, rewrite_s,
+                          dict(tracer.leaf_calls))
+    return spec, trace, result
+

@@ -1,0 +1,98 @@
+"""Rules are data: a pattern, where to act, and ordinary code to run there.
+
+A :class:`Rule` says what to find (a structural :class:`~surgery.matching.pattern.Pattern`
+and how many times), which modules to graft in, and a list of ``(where, action)`` pairs.
+Each action is ordinary Python written against :class:`Site`; the engine traces it into
+the specialised graph at that place, the way ``subgraph_rewriter`` traces a replacement.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch.nn as nn
+
+from .matching.matcher import Match
+from .matching.pattern import Pattern
+from .tracing.policy import TracePolicy
+
+
+class Where(enum.Enum):
+    """Where an action's code is inserted, relative to the matched units."""
+
+    BEFORE_FIRST = "before the first match"
+    AFTER_EACH = "after each match"
+
+
+@dataclass
+class Site:
+    """What an action sees at its insertion point.
+
+    ``stream`` is the unit's residual-stream input (``BEFORE_FIRST``) or output
+    (``AFTER_EACH``); ``arguments`` the unit's call arguments bound by name, ``required``
+    those without a default (what a cache-free call of the same unit needs); ``inputs``
+    the rule's own call inputs (``None`` when the caller gave none); ``model`` the model
+    whose modules the action may call; ``scratch`` is shared by the actions of one rewrite.
+    """
+
+    match: Match
+    stream: Any
+    arguments: dict[str, Any]
+    required: dict[str, Any]
+    inputs: dict[str, Any]
+    model: nn.Module
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GraftContext:
+    """What a graft builder sees: the new model, the matched modules, the stream's embedder."""
+
+    model: nn.Module
+    matches: list[Match]
+    matched_modules: list[nn.Module]
+    stream_embedder: nn.Module | None
+    root_attributes: Mapping[str, Any]
+
+
+Action = Callable[[Site], Any]
+GraftBuilder = Callable[[GraftContext], "dict[str, nn.Module]"]
+CallCheck = Callable[[dict[str, Any], dict[str, Any], Any, nn.Module], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A complete surgery rule.
+
+    Args:
+        name: short name used in reports and on the command line.
+        options: the options the rule was built with (reported verbatim).
+        pattern: what a unit looks like.
+        expected: number of units the rule expects on a model (``None``: any, at least one).
+        assign: gives each match its index for the actions (``None`` = not acted on).
+        grafts: builds the new modules, keyed by their top-level attribute name.
+        actions: ``(where, code)`` pairs applied in order.
+        inputs: the rule's extra call inputs and their defaults.
+        check_call: validates and normalises the rule's inputs at call time.
+        trace_policy: which modules and methods stay opaque while tracing.
+        key_maps: named weight-key maps (data) for checkpoint layouts this rule accepts.
+        weight_prefixes: state_dict prefixes of the grafted modules (a model that already
+            has them already carries the rule).
+        example: builds example values of the rule's inputs from the latent input, so that
+            ``apply`` can specialise (and report) the rewritten graph up front.
+    """
+
+    name: str
+    options: Mapping[str, Any]
+    pattern: Pattern
+    expected: Callable[[nn.Module], int] | None
+    assign: Callable[[int, int], "int | None"]
+    grafts: GraftBuilder
+    actions: tuple[tuple[Where, Action], ...]
+    inputs: Mapping[str, Any]
+    check_call: CallCheck
+    trace_policy: TracePolicy
+    key_maps: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    weight_prefixes: tuple[str, ...] = ()
+    example: Callable[[Any, nn.Module], dict[str, Any]] | None = None

@@ -1,0 +1,130 @@
+"""Guards: what a specialised graph assumed about its inputs and its model.
+
+The tracer resolves Python control flow from example values. Each resolution depends on
+input properties (a tensor's shape, a scalar's value, a container's length) or on model
+state (a parameter's device, a plain attribute's value). A :class:`GuardSet` records those
+properties with their values; a call may reuse the graph only when all of them hold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+
+# A dependency names one property: ("input", path, kind) or ("param", qualname, "meta").
+Dep = tuple
+
+
+@dataclass(frozen=True)
+class Guard:
+    """One specialisation, for reports: where it was taken and what it assumed."""
+
+    kind: str  # "input" | "shape" | "state"
+    expr: str
+    value: str
+    where: str
+
+
+def tensor_meta(t: torch.Tensor) -> tuple:
+    return (tuple(t.shape), t.dtype, t.device.type, t.device.index)
+
+
+def resolve_path(inputs: dict[str, Any], path: tuple) -> Any:
+    value = inputs[path[0]]
+    for key in path[1:]:
+        value = value[key]
+    return value
+
+
+def evaluate(dep: Dep, inputs: dict[str, Any], model: nn.Module) -> Any:
+    """The current value of a dependency on these inputs and this model."""
+    source, where, kind = dep
+    if source == "param":
+        value = model.get_parameter(where) if _has_param(model, where) else model.get_buffer(where)
+    else:
+        value = resolve_path(inputs, where)
+    if kind == "meta":
+        return tensor_meta(value) if isinstance(value, torch.Tensor) else ("not-a-tensor", type(value))
+    if kind == "len":
+        return len(value)
+    if kind == "value":
+        return value if isinstance(value, (bool, int, float, str, type(None))) else ("object", type(value))
+    raise ValueError(f"unknown guard kind {kind!r}")
+
+
+def _has_param(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
+
+
+_SIMPLE = (bool, int, float, str, type(None), torch.dtype, torch.device)
+
+
+def snapshot_state(model: nn.Module, qualnames: Iterable[str]) -> dict[tuple[str, str], Any]:
+    """Plain attributes of the modules whose Python code was traced.
+
+    Traced code bakes these values in (``self.block_mask``, ``self.local_attn_size``,
+    ``self.freqs``), and pipelines change them at run time, so a change must re-specialise.
+    Simple values compare by equality, everything else by identity.
+    """
+    state: dict[tuple[str, str], Any] = {}
+    for qualname in qualnames:
+        module = model.get_submodule(qualname)
+        for attr, value in vars(module).items():
+            if attr.startswith("_") or attr == "training":
+                continue
+            state[(qualname, attr)] = _state_token(value)
+    return state
+
+
+def _state_token(value: Any) -> Any:
+    if isinstance(value, _SIMPLE):
+        return value
+    if isinstance(value, (tuple, list)) and all(isinstance(v, _SIMPLE) for v in value):
+        return (type(value), tuple(value))
+    return ("id", id(value))
+
+
+@dataclass
+class GuardSet:
+    """Everything a call must satisfy to reuse one specialised graph."""
+
+    signature: tuple
+    deps: dict[Dep, Any] = field(default_factory=dict)
+    state: dict[tuple[str, str], Any] = field(default_factory=dict)
+    notes: list[Guard] = field(default_factory=list)
+
+    def holds(self, signature: tuple, inputs: dict[str, Any], model: nn.Module) -> bool:
+        return self.first_failure(signature, inputs, model) is None
+
+    def first_failure(self, signature: tuple, inputs: dict[str, Any], model: nn.Module) -> str | None:
+        """``None`` if every guard holds, else a short description of the first that fails."""
+        if signature != self.signature:
+            for got, want in zip(signature, self.signature):
+                if got != want:
+                    return f"input {got[0]}: {got[1]} != {want[1]}"
+            return f"inputs {[s[0] for s in signature]} != {[s[0] for s in self.signature]}"
+        for dep, expected in self.deps.items():
+            try:
+                actual = evaluate(dep, inputs, model)
+            except (KeyError, IndexError, TypeError, AttributeError) as error:
+                return f"{dep}: {type(error).__name__}"
+            if actual != expected:
+                return f"{dep}: {actual!r} != {expected!r}"
+        for (qualname, attr), expected in self.state.items():
+            try:
+                module = model.get_submodule(qualname)
+            except AttributeError:
+                return f"module {qualname} is gone"
+            actual = _state_token(getattr(module, attr, _MISSING))
+            if actual != expected:
+                return f"{qualname or '<root>'}.{attr}: {actual!r} != {expected!r}"
+        return None
+
+
+_MISSING = object()

@@ -1,0 +1,566 @@
+"""Example-guided tracing: symbolic fx tracing with a concrete value beside every proxy.
+
+Plain ``symbolic_trace`` fails on the streaming Wan models (``*args`` dispatch, loops over
+inputs, ``.tolist()``, asserts, caches in lists of dicts). This tracer runs the model's
+real entry point on example inputs and records an fx graph at the same time:
+
+* every :class:`ConcreteProxy` carries the value the example produced, computed on a
+  meta-device twin of the model, so tracing costs no FLOPs and never touches real state;
+* when Python needs a value (``if``, ``len``, iteration, ``.item()``, ``.tolist()``) the
+  tracer answers from the example and records a guard on the input properties that value
+  was derived from; a value that depends on tensor *data* cannot be guarded cheaply, so
+  it is an error that names the construct, its file:line and the leaf that would fix it;
+* stateful leaves and cache helpers (see :mod:`.policy`) run eagerly inside the graph.
+
+The graph's first placeholder is the model itself (``root``), so cache helpers on the
+root can be called from generated code.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+import os
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx._symbolic_trace import (
+    _new_patcher,
+    _orig_module_call,
+    _orig_module_getattr,
+    _patch_wrapped_functions,
+    _autowrap_check,
+)
+
+from ..errors import TraceError
+from .guards import Dep, Guard
+from .policy import TracePolicy
+
+_MISSING = object()
+_META_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout", "is_floating_point"})
+_META_METHODS = frozenset({"size", "dim", "numel", "nelement", "get_device", "is_floating_point",
+                           "is_complex", "element_size"})
+_CONCRETISING_METHODS = frozenset({"item", "tolist"})
+_FACTORIES = ("tensor", "as_tensor", "arange", "zeros", "ones", "empty", "full", "linspace", "eye")
+_ENGINE_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                os.path.dirname(os.path.abspath(torch.__file__)))
+
+
+class ConcreteProxy(fx.Proxy):
+    """An fx proxy that also knows the example's value.
+
+    ``tainted`` means the value depends on tensor data; ``deps`` are the input and model
+    properties an untainted value was derived from; ``meta_deps`` the same for a tensor's
+    shape, dtype and device; ``path`` locates a value inside a container input.
+    """
+
+    def __init__(self, node: fx.Node, tracer: "ExampleTracer", concrete: Any = _MISSING,
+                 tainted: bool = False, deps: frozenset = frozenset(),
+                 meta_deps: frozenset = frozenset(), path: tuple | None = None) -> None:
+        super().__init__(node, tracer)
+        self.concrete = concrete
+        self.tainted = tainted
+        self.deps = deps
+        self.meta_deps = meta_deps
+        self.path = path
+
+    def __getattr__(self, k: str) -> "ConcreteAttribute":
+        return ConcreteAttribute(self, k)
+
+    def __len__(self) -> int:
+        return self.tracer.concretise_length(self)
+
+    def __index__(self) -> int:
+        return self.tracer.concretise(self, operator.index(self.concrete), "index")
+
+    def __int__(self) -> int:
+        return self.tracer.concretise(self, int(self.concrete), "int()")
+
+    def __float__(self) -> float:
+        return self.tracer.concretise(self, float(self.concrete), "float()")
+
+    def __repr__(self) -> str:
+        return f"ConcreteProxy({self.node.name})"
+
+
+class ConcreteAttribute(ConcreteProxy):
+    """``proxy.attr``: a node only when used as a value, a method call otherwise."""
+
+    def __init__(self, root: ConcreteProxy, attr: str) -> None:
+        self.root = root
+        self.attr = attr
+        self.tracer = root.tracer
+        self._node: fx.Node | None = None
+        self.concrete = getattr(root.concrete, attr)
+        meta = attr in _META_ATTRS
+        self.tainted = root.tainted and not meta
+        self.deps = root.deps | (root.meta_deps if meta else frozenset())
+        self.meta_deps = root.meta_deps
+        self.path = None
+
+    @property
+    def node(self) -> fx.Node:  # type: ignore[override]
+        if self._node is None:
+            self._node = self.tracer.create_proxy("call_function", getattr, (self.root, self.attr), {}).node
+        return self._node
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.tracer.create_proxy("call_method", self.attr, (self.root,) + args, kwargs)
+
+
+def _concrete(value: Any) -> Any:
+    if isinstance(value, ConcreteProxy):
+        return value.concrete
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_concrete(v) for v in value)
+    if isinstance(value, list):
+        return [_concrete(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _concrete(v) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(_concrete(value.start), _concrete(value.stop), _concrete(value.step))
+    return value
+
+
+def _proxies(value: Any) -> Iterator[ConcreteProxy]:
+    if isinstance(value, ConcreteProxy):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _proxies(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _proxies(v)
+    elif isinstance(value, slice):
+        yield from _proxies((value.start, value.stop, value.step))
+
+
+@dataclass
+class ModuleCall:
+    """One call of a traced-through (non-leaf) module, for the matcher."""
+
+    qualname: str
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    output: Any = None
+    first_node: fx.Node | None = None
+    last_node: fx.Node | None = None
+    depth: int = 0
+    index: int = 0
+    example_args: tuple = ()
+    example_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Trace:
+    """The result of tracing one call."""
+
+    graph: fx.Graph
+    root_node: fx.Node
+    inputs: dict[str, fx.Node]
+    calls: list[ModuleCall]
+    deps: set
+    notes: list[Guard]
+    traced_modules: list[str]
+    leaf_calls: dict[str, list[str]]
+    seconds: float
+
+
+def user_frame() -> tuple[str, int, str]:
+    """The innermost frame outside torch and surgery: the model code being traced."""
+    for frame_info in reversed(traceback.extract_stack()[:-1]):
+        filename = os.path.abspath(frame_info.filename)
+        if not filename.startswith(_ENGINE_DIRS) and "/contextlib.py" not in filename:
+            return filename, frame_info.lineno or 0, (frame_info.line or "").strip()
+    return "<unknown>", 0, ""
+
+
+def _short(filename: str) -> str:
+    cwd = os.getcwd()
+    return os.path.relpath(filename, cwd) if filename.startswith(cwd) else filename
+
+
+class ExampleTracer(fx.Tracer):
+    """Traces ``root.forward`` on example inputs; see the module docstring."""
+
+    def __init__(self, policy: TracePolicy, graph: fx.Graph | None = None) -> None:
+        super().__init__(autowrap_modules=(math,))
+        self.policy = policy
+        self.graph = graph if graph is not None else fx.Graph()
+        self._concrete_depth = 0
+        self.calls: list[ModuleCall] = []
+        self.deps: set = set()
+        self.notes: list[Guard] = []
+        self.traced_modules: list[str] = []
+        self.leaf_calls: dict[str, list[str]] = {}
+        self._param_names: dict[int, str] = {}
+        self._param_proxies: dict[str, ConcreteProxy] = {}
+        self._implementation_entered = False
+        self._leaf_stack: list[str] = []
+
+    # ----- proxies -----------------------------------------------------------------
+    def proxy(self, node: fx.Node) -> ConcreteProxy:
+        return ConcreteProxy(node, self)
+
+    @contextmanager
+    def concrete_mode(self) -> Iterator[None]:
+        self._concrete_depth += 1
+        try:
+            yield
+        finally:
+            self._concrete_depth -= 1
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,
+                     proxy_factory_fn=None):  # noqa: D401 - fx signature
+        if kind == "call_method" and target in _CONCRETISING_METHODS:
+            receiver = args[0]
+            value = getattr(receiver.concrete, target)(*_concrete(args[1:]), **_concrete(kwargs))
+            return self.concretise(receiver, value, f".{target}()")
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr)
+        if kind == "placeholder":
+            return proxy
+        cargs, ckwargs = _concrete(args), _concrete(kwargs)
+        with self.concrete_mode():
+            if kind == "call_function":
+                value = target(*cargs, **ckwargs)
+            elif kind == "call_method":
+                value = getattr(cargs[0], target)(*cargs[1:], **ckwargs)
+            elif kind == "call_module":
+                value = self._run_leaf(target, cargs, ckwargs)
+            elif kind == "get_attr":
+                value = _fetch(self.root, target)
+            else:
+                value = _MISSING
+        self._propagate(proxy, kind, target, args, kwargs, value)
+        return proxy
+
+    def _run_leaf(self, target: str, args: tuple, kwargs: dict) -> Any:
+        module = self.root.get_submodule(target)
+        self._leaf_stack.append(target)
+        try:
+            return _orig_module_call(module, *args, **kwargs)
+        finally:
+            self._leaf_stack.pop()
+
+    def _propagate(self, proxy: ConcreteProxy, kind: str, target: Any, args: tuple,
+                   kwargs: dict, value: Any) -> None:
+        inputs = list(_proxies((args, kwargs)))
+        proxy.concrete = value
+        proxy.node.meta["example_value"] = value
+        if kind == "get_attr":
+            proxy.tainted = isinstance(value, torch.Tensor)
+            proxy.meta_deps = frozenset({("param", target, "meta")})
+            return
+        if kind == "call_module":
+            # A leaf's output shape is taken to follow its tensor inputs' shapes only; scalar
+            # inputs (cache positions) would otherwise pin every call to one position.
+            proxy.tainted = True
+            proxy.meta_deps = frozenset().union(*(p.meta_deps for p in inputs if isinstance(p.concrete, torch.Tensor))) \
+                if inputs else frozenset()
+            return
+        deps = frozenset().union(*(p.deps for p in inputs)) if inputs else frozenset()
+        meta_deps = frozenset().union(*(p.meta_deps for p in inputs)) if inputs else frozenset()
+        reads_meta = (kind == "call_function" and target is getattr and args[1] in _META_ATTRS) or (
+            kind == "call_method" and target in _META_METHODS)
+        if reads_meta:
+            proxy.tainted = False
+            proxy.deps = deps | meta_deps
+            proxy.meta_deps = meta_deps
+            return
+        proxy.tainted = any(p.tainted for p in inputs)
+        proxy.deps = deps
+        proxy.meta_deps = meta_deps | deps
+        container = args[0] if args else None
+        if (kind == "call_function" and target is operator.getitem and isinstance(container, ConcreteProxy)
+                and container.path is not None and not isinstance(args[1], ConcreteProxy)):
+            self._child_of_container(proxy, container.path + (args[1],), value)
+
+    def _child_of_container(self, proxy: ConcreteProxy, path: tuple, value: Any) -> None:
+        proxy.path = path
+        if isinstance(value, torch.Tensor):
+            proxy.tainted, proxy.deps = True, frozenset()
+            proxy.meta_deps = frozenset({("input", path, "meta")})
+        elif isinstance(value, (list, tuple, dict)):
+            proxy.tainted, proxy.deps, proxy.meta_deps = False, frozenset(), frozenset()
+        else:
+            proxy.tainted = False
+            proxy.deps = frozenset({("input", path, "value")})
+            proxy.meta_deps = proxy.deps
+
+    def input_proxy(self, name: str, value: Any) -> ConcreteProxy:
+        """A placeholder for one top-level input, with its example value."""
+        proxy = self.create_proxy("placeholder", name, (), {})
+        proxy.concrete = value
+        proxy.node.meta["example_value"] = value
+        proxy.path = (name,)
+        if isinstance(value, torch.Tensor):
+            proxy.tainted = True
+            proxy.meta_deps = frozenset({("input", (name,), "meta")})
+        elif isinstance(value, (list, tuple, dict)):
+            proxy.tainted = False
+        else:
+            proxy.tainted = False
+            proxy.deps = frozenset({("input", (name,), "value")})
+            proxy.meta_deps = proxy.deps
+        return proxy
+
+    # ----- where Python needs a value --------------------------------------------------
+    def concretise(self, proxy: ConcreteProxy, value: Any, how: str) -> Any:
+        filename, lineno, line = user_frame()
+        where = f"{_short(filename)}:{lineno}"
+        if proxy.tainted:
+            owner = self._owner_hint()
+            raise TraceError(
+                f"data-dependent control flow at {where}: `{line}` needs {how} of a value computed "
+                f"from tensor data, which a graph cannot specialise on",
+                f"make {owner} a leaf (TracePolicy.extra_leaves) or move the branch into a cache helper")
+        deps = proxy.deps
+        self.deps |= deps
+        kind = "input" if any(d[2] == "value" for d in deps) else (
+            "state" if any(d[0] == "param" for d in deps) else "shape")
+        shown = value if not isinstance(value, (list, tuple)) or len(value) <= 8 else f"{type(value).__name__}[{len(value)}]"
+        self.notes.append(Guard(kind, line or how, repr(shown), where))
+        return value
+
+    def concretise_length(self, proxy: ConcreteProxy) -> int:
+        """``len()``: a tensor's length is shape, a container input's is guarded directly."""
+        value = len(proxy.concrete)
+        if isinstance(proxy.concrete, torch.Tensor):
+            extra = proxy.meta_deps
+        elif proxy.path is not None:
+            extra = frozenset({("input", proxy.path, "len")})
+        else:
+            return self.concretise(proxy, value, "len()")
+        filename, lineno, line = user_frame()
+        self.deps |= extra
+        self.notes.append(Guard("shape", line or "len()", repr(value), f"{_short(filename)}:{lineno}"))
+        return value
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return self.concretise(obj, bool(obj.concrete), "a truth value")
+
+    def iter(self, obj: fx.Proxy) -> Iterator:
+        length = self.concretise_length(obj)
+        return iter([obj[i] for i in range(length)])
+
+    def keys(self, obj: fx.Proxy) -> Any:
+        return list(obj.concrete.keys())
+
+    def _owner_hint(self) -> str:
+        if self.module_stack:
+            qualname = next(reversed(self.module_stack))
+            return f"`{qualname or '<root>'}`"
+        return "the enclosing module"
+
+    # ----- modules and attributes ----------------------------------------------------
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return self.policy.is_leaf(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        if self._concrete_depth:
+            if self._leaf_stack:
+                self.leaf_calls.setdefault(self._leaf_stack[-1], []).append(self.path_of_module(m))
+            return forward(*args, **kwargs)
+        qualname = self.path_of_module(m)
+        if self.is_leaf_module(m, qualname):
+            return _structured(super().call_module(m, forward, args, kwargs))
+        call = ModuleCall(qualname, m, args, kwargs, depth=len(self.module_stack), index=len(self.calls),
+                          example_args=_concrete(args), example_kwargs=_concrete(kwargs))
+        self.calls.append(call)
+        if qualname not in self.traced_modules:
+            self.traced_modules.append(qualname)
+        before = _last_node(self.graph)
+        call.output = super().call_module(m, forward, args, kwargs)
+        call.first_node = before.next if before is not None else _first_node(self.graph)
+        call.last_node = _last_node(self.graph)
+        return call.output
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self._concrete_depth or not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        name = self._param_names.get(id(attr_val))
+        if name is None:
+            return attr_val
+        if name not in self._param_proxies:
+            self._param_proxies[name] = self.create_proxy("get_attr", name, (), {})
+        return self._param_proxies[name]
+
+    # ----- entry point ---------------------------------------------------------------
+    def trace_call(self, root: nn.Module, inputs: dict[str, Any], call: Any, *,
+                   opaque_helpers: bool = True) -> Trace:
+        """Trace ``call(root_proxy, proxies)`` on ``root`` with example ``inputs``.
+
+        ``call`` receives the root-placeholder proxy and a dict of input proxies (or the
+        literal value for ``None`` inputs) and returns the traced function's output.
+        """
+        started = time.perf_counter()
+        self.root = root
+        self.submodule_paths = {mod: name for name, mod in root.named_modules()}
+        self._param_names = {id(p): n for n, p in root.named_parameters(remove_duplicate=False)}
+        self._param_names.update({id(b): n for n, b in root.named_buffers(remove_duplicate=False)})
+        self.tensor_attrs = {}
+        _collect_tensor_attrs(root, [], self.tensor_attrs)
+        root_proxy = self.create_proxy("placeholder", "root", (), {})
+        root_proxy.concrete = root
+        proxies = {name: (self.input_proxy(name, value) if value is not None else None)
+                   for name, value in inputs.items()}
+        self.root_proxy, self.input_proxies = root_proxy, proxies
+        with self._helpers_opaque(root, root_proxy, enabled=opaque_helpers), self.patched(call):
+            output = self.run(call, root_proxy, proxies)
+            self.create_node("output", "output", (self.create_arg(output),), {})
+        inputs_nodes = {n: p.node for n, p in proxies.items() if p is not None}
+        return Trace(self.graph, root_proxy.node, inputs_nodes, self.calls, set(self.deps), list(self.notes),
+                     list(self.traced_modules), dict(self.leaf_calls), time.perf_counter() - started)
+
+    @contextmanager
+    def patched(self, fn: Any = None) -> Iterator[None]:
+        """Intercept module calls, parameter reads and autowrapped functions."""
+        with _new_patcher() as patcher:
+            def module_getattr(mod: nn.Module, attr: str) -> Any:
+                return self._module_getattr(mod, attr)
+
+            def module_call(mod: nn.Module, *args: Any, **kwargs: Any) -> Any:
+                return self._module_call(mod, *args, **kwargs)
+
+            patcher.patch_method(nn.Module, "__getattr__", module_getattr, deduplicate=False)
+            patcher.patch_method(nn.Module, "__call__", module_call, deduplicate=False)
+            for name in _FACTORIES:
+                # Factories bypass __torch_function__ (torch.tensor(shape_proxy)) or take no
+                # proxy at all (torch.arange(n)); record them so the graph recreates them per
+                # call instead of baking a trace-time tensor in.
+                patcher.patch(torch.__dict__, name, self._recording(getattr(torch, name)))
+            _patch_wrapped_functions(patcher)
+            _autowrap_check(patcher, getattr(fn, "__globals__", {}), self._autowrap_function_ids)
+            for module in self._autowrap_search:
+                _autowrap_check(patcher, module.__dict__, self._autowrap_function_ids)
+            self._patcher = patcher
+            yield
+
+    def _recording(self, factory: Any) -> Any:
+        def record(*args: Any, **kwargs: Any) -> Any:
+            if self._concrete_depth:
+                return factory(*args, **kwargs)
+            return self.create_proxy("call_function", factory, args, kwargs)
+        return record
+
+    def run(self, fn: Any, *args: Any) -> Any:
+        """Call ``fn`` under tracing, turning fx limitations into one-line TraceErrors."""
+        try:
+            return fn(*args)
+        except TraceError:
+            raise
+        except Exception as error:  # an fx limitation inside model code
+            raise self._explain(error) from error
+
+    def _module_getattr(self, mod: nn.Module, attr: str) -> Any:
+        return self.getattr(attr, _orig_module_getattr(mod, attr), {})
+
+    def _module_call(self, mod: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        def forward(*a: Any, **k: Any) -> Any:
+            return _orig_module_call(mod, *a, **k)
+        if not self._concrete_depth:
+            _autowrap_check(self._patcher, getattr(getattr(mod, "forward", mod), "__globals__", {}),
+                            self._autowrap_function_ids)
+        return self.call_module(mod, forward, args, kwargs)
+
+    @contextmanager
+    def _helpers_opaque(self, root: nn.Module, root_proxy: ConcreteProxy, enabled: bool) -> Iterator[None]:
+        patched: list[tuple[nn.Module, str]] = []
+        if enabled:
+            for qualname, module in root.named_modules():
+                if qualname and self.policy.is_leaf(module, qualname):
+                    continue
+                for name in self.policy.cache_helpers(module):
+                    if name in module.__dict__:
+                        continue
+                    module.__dict__[name] = self._opaque_method(module, qualname, name, root_proxy)
+                    patched.append((module, name))
+        try:
+            yield
+        finally:
+            for module, name in patched:
+                module.__dict__.pop(name, None)
+
+    def _opaque_method(self, module: nn.Module, qualname: str, name: str, root_proxy: ConcreteProxy):
+        bound = getattr(type(module), name).__get__(module)
+        tracer = self
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if tracer._concrete_depth:
+                return bound(*args, **kwargs)
+            if not qualname and not tracer._implementation_entered:
+                # forward(*args, **kwargs) dispatches here: this is the implementation.
+                tracer._implementation_entered = True
+                return bound(*args, **kwargs)
+            owner = root_proxy if not qualname else tracer.create_proxy("get_attr", qualname, (), {})
+            node = tracer.create_node("call_method", name, tracer.create_arg((owner,) + args),
+                                      tracer.create_arg(kwargs))
+            proxy = ConcreteProxy(node, tracer)
+            with tracer.concrete_mode():
+                value = bound(*_concrete(args), **_concrete(kwargs))
+            proxy.concrete, proxy.tainted = value, True
+            node.meta["example_value"] = value
+            node.meta["opaque_helper"] = f"{qualname + '.' if qualname else ''}{name}"
+            return _structured(proxy)
+
+        return call
+
+    def _explain(self, error: Exception) -> TraceError:
+        frames = traceback.extract_tb(error.__traceback__)
+        user = [f for f in frames if not os.path.abspath(f.filename).startswith(_ENGINE_DIRS)]
+        frame = user[-1] if user else (frames[-1] if frames else None)
+        where = f"{_short(os.path.abspath(frame.filename))}:{frame.lineno}" if frame else "<unknown>"
+        line = (frame.line or "").strip() if frame else ""
+        owner = self._owner_hint()
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return TraceError(
+            f"cannot trace `{line}` at {where} ({type(error).__name__}: {message})",
+            f"make {owner} a leaf (TracePolicy.extra_leaves) or give it a cache argument so it runs eagerly")
+
+
+def _structured(value: Any) -> Any:
+    """Expand tuple and list outputs of opaque calls into Python containers of proxies.
+
+    Model code branches on ``isinstance(result, tuple)`` and unpacks nested tuples; dicts
+    and scalars stay single proxies because only opaque code reads them.
+    """
+    if isinstance(value, ConcreteProxy) and isinstance(value.concrete, (tuple, list)) \
+            and not hasattr(value.concrete, "_fields"):
+        items = [_structured(value[i]) for i in range(len(value.concrete))]
+        for item in items:
+            for p in _proxies(item):
+                p.tainted = True
+        return tuple(items) if isinstance(value.concrete, tuple) else items
+    return value
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
+
+
+def _collect_tensor_attrs(module: nn.Module, prefix: list[str], out: dict) -> None:
+    for key, value in module.__dict__.items():
+        if isinstance(value, torch.Tensor) and not key.startswith("_"):
+            out[value] = ".".join(prefix + [key])
+    for key, child in module.named_children():
+        _collect_tensor_attrs(child, prefix + [key], out)
+
+
+def _last_node(graph: fx.Graph) -> fx.Node | None:
+    nodes = graph.nodes
+    return None if len(nodes) == 0 else next(iter(reversed(nodes)))
+
+
+def _first_node(graph: fx.Graph) -> fx.Node | None:
+    return next(iter(graph.nodes), None)

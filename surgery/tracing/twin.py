@@ -1,0 +1,87 @@
+"""Structural copies of a module tree that never copy tensor storage.
+
+``share_tree`` gives surgery its "returns a new model" semantics: every module object is
+new (so later PEFT injection or attribute changes on the result leave the input alone),
+while every parameter and buffer is the very same tensor (zero copy).
+
+``meta_twin`` gives the tracer a model to execute example calls on: the same structure
+with every floating-point tensor on the ``meta`` device, so tracing costs no FLOPs at any
+model size and cannot touch the user's weights or caches.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+TensorFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _clone_module(module: nn.Module, tensor_fn: TensorFn, plain_fn: TensorFn,
+                  memo: dict[int, nn.Module]) -> nn.Module:
+    if id(module) in memo:  # shared submodules stay shared
+        return memo[id(module)]
+    new = copy.copy(module)
+    memo[id(module)] = new
+    new.__dict__ = dict(module.__dict__)
+    new._parameters = {k: (None if p is None else _param(tensor_fn(p), p)) for k, p in module._parameters.items()}
+    new._buffers = {k: (None if b is None else tensor_fn(b)) for k, b in module._buffers.items()}
+    new._modules = {k: (None if m is None else _clone_module(m, tensor_fn, plain_fn, memo))
+                    for k, m in module._modules.items()}
+    for key in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_state_dict_hooks",
+                "_load_state_dict_pre_hooks", "_forward_hooks_with_kwargs",
+                "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+        if key in module.__dict__:
+            new.__dict__[key] = copy.copy(module.__dict__[key])
+    for attr, value in module.__dict__.items():
+        if not attr.startswith("_") and isinstance(value, torch.Tensor):
+            new.__dict__[attr] = plain_fn(value)
+    return new
+
+
+def _param(data: torch.Tensor, original: nn.Parameter) -> nn.Parameter:
+    if data is original:
+        return original
+    return nn.Parameter(data, requires_grad=original.requires_grad)
+
+
+def share_tree(module: nn.Module) -> nn.Module:
+    """A new module tree whose parameters and buffers are the input's own tensors."""
+    return _clone_module(module, _same, _same, {})
+
+
+def _to_meta(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "meta":
+        return t
+    return torch.empty_like(t, device="meta")
+
+
+def meta_twin(module: nn.Module) -> nn.Module:
+    """The same tree with every tensor on ``meta`` (parameters, buffers, plain attributes)."""
+    return _clone_module(module, _to_meta, _to_meta, {})
+
+
+def meta_inputs(value: Any, *, inside_container: bool = False) -> Any:
+    """Example inputs for the meta twin.
+
+    Floating-point tensors go to ``meta``. Integer tensors inside containers stay real
+    copies: they are cache indices that attention code reads with ``.item()``, and they
+    are small. Containers are rebuilt so the twin's writes never reach the caller.
+    """
+    if isinstance(value, torch.Tensor):
+        if inside_container and not (value.is_floating_point() or value.is_complex()):
+            return value.detach().clone()
+        return _to_meta(value)
+    if isinstance(value, dict):
+        return {k: meta_inputs(v, inside_container=True) for k, v in value.items()}
+    if isinstance(value, list):
+        return [meta_inputs(v, inside_container=True) for v in value]
+    if isinstance(value, tuple):
+        return tuple(meta_inputs(v, inside_container=True) for v in value)
+    return value

@@ -1,0 +1,21 @@
+"""Loading VACE-branch weights from safetensors checkpoints (see :func:`load_vace_weights`)."""
+from surgery.weights.files import PICKLE_SUFFIXES, TensorEntry, read_header, resolve_checkpoint
+from surgery.weights.keys import KeyMap, KeyRule, apply_key_map, compile_key_map, strip_prefix
+from surgery.weights.loader import DEFAULT_STRIP_PREFIXES, DEFAULT_VACE_PREFIXES, load_vace_weights
+from surgery.weights.report import LoadReport
+
+__all__ = [
+    "DEFAULT_STRIP_PREFIXES",
+    "DEFAULT_VACE_PREFIXES",
+    "KeyMap",
+    "KeyRule",
+    "LoadReport",
+    "PICKLE_SUFFIXES",
+    "TensorEntry",
+    "apply_key_map",
+    "compile_key_map",
+    "load_vace_weights",
+    "read_header",
+    "resolve_checkpoint",
+    "strip_prefix",
+]

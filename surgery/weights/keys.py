@@ -1,0 +1,113 @@
+"""Key handling: prefix stripping, data-driven key maps, filtering to the VACE branch.
+
+A key map is plain data: an ordered sequence of ``(pattern, replacement)`` pairs applied
+to every key in turn, each rule seeing the previous rule's output (the same semantics
+as diffusers' conversion tables). A pattern is a substring unless it starts with
+``"re:"``, in which case the rest is a regular expression and the replacement may use
+group references (``\\1``). Compiled ``re.Pattern`` objects are accepted as well.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from surgery.errors import RuleError, WeightsError
+
+KeyRule = tuple["str | re.Pattern[str]", str]
+KeyMap = Sequence[KeyRule]
+REGEX_PREFIX = "re:"
+_BLOCK_RE = re.compile(r"^vace_blocks\.(\d+)\.")
+
+
+def compile_key_map(key_map: KeyMap | None) -> list[Callable[[str], str]]:
+    """Validate a key map and turn each rule into a ``str -> str`` function."""
+    if key_map is None:
+        return []
+    if isinstance(key_map, (str, bytes)) or not isinstance(key_map, Iterable):
+        raise RuleError(
+            f"key_map must be a sequence of (pattern, replacement) pairs, got {type(key_map).__name__}",
+            "pass e.g. rules.vace_keymaps.DIFFUSERS_TO_NATIVE",
+        )
+    compiled: list[Callable[[str], str]] = []
+    for i, rule in enumerate(key_map):
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[1], str)):
+            raise RuleError(f"key_map rule {i} is {rule!r}, not a (pattern, replacement) pair", "fix the key map data")
+        pattern, replacement = rule
+        if isinstance(pattern, re.Pattern) or (isinstance(pattern, str) and pattern.startswith(REGEX_PREFIX)):
+            try:
+                regex = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern[len(REGEX_PREFIX):])
+            except re.error as exc:
+                raise RuleError(f"key_map rule {i} has a bad regex {pattern!r}: {exc}", "fix the key map data") from exc
+            compiled.append(lambda key, _r=regex, _s=replacement: _r.sub(_s, key))
+        elif isinstance(pattern, str) and pattern:
+            compiled.append(lambda key, _p=pattern, _s=replacement: key.replace(_p, _s))
+        else:
+            raise RuleError(f"key_map rule {i} has an empty or non-string pattern {pattern!r}", "fix the key map data")
+    return compiled
+
+
+def apply_key_map(key: str, compiled: Sequence[Callable[[str], str]]) -> str:
+    """Run a key through every compiled rule in order."""
+    for rule in compiled:
+        key = rule(key)
+    return key
+
+
+def strip_prefix(key: str, prefixes: Sequence[str]) -> str:
+    """Remove the first matching prefix (list longer prefixes first)."""
+    for prefix in prefixes:
+        if prefix and key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+@dataclass(frozen=True)
+class KeySelection:
+    """Result of mapping stored names onto model keys."""
+
+    selected: dict[str, str]  # model key -> stored name
+    dropped: int  # stored tensors outside the kept prefixes (e.g. base-model weights)
+
+
+def select_keys(
+    names: Iterable[str],
+    *,
+    strip_prefixes: Sequence[str],
+    key_map: KeyMap | None,
+    keep_prefixes: Sequence[str],
+) -> KeySelection:
+    """Strip prefixes, apply the key map, keep keys under ``keep_prefixes``.
+
+    Two stored tensors that map to the same model key are an error: loading one of them
+    silently would depend on file order.
+    """
+    compiled = compile_key_map(key_map)
+    selected: dict[str, str] = {}
+    dropped = 0
+    for name in names:
+        key = apply_key_map(strip_prefix(name, strip_prefixes), compiled)
+        if not key.startswith(tuple(keep_prefixes)):
+            dropped += 1
+            continue
+        if key in selected:
+            raise WeightsError(
+                f"stored tensors {selected[key]!r} and {name!r} both map to {key!r}",
+                "the checkpoint mixes layouts or the key map is ambiguous; fix the key map or the file",
+            )
+        selected[key] = name
+    return KeySelection(selected, dropped)
+
+
+def block_indices(keys: Iterable[str]) -> list[int]:
+    """Sorted distinct ``K`` of ``vace_blocks.K.*`` keys."""
+    return sorted({int(m.group(1)) for k in keys if (m := _BLOCK_RE.match(k))})
+
+
+def describe_blocks(indices: Sequence[int]) -> str:
+    """Human form of a block index list: ``vace_blocks.0-14`` or an explicit list if not contiguous."""
+    if not indices:
+        return "no vace_blocks"
+    if list(indices) == list(range(indices[0], indices[-1] + 1)):
+        return f"vace_blocks.{indices[0]}-{indices[-1]}" if len(indices) > 1 else f"vace_blocks.{indices[0]}"
+    return "vace_blocks " + ",".join(map(str, indices))
