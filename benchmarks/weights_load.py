@@ -2,7 +2,7 @@
 
 Writes a VACE-module-sized bf16 file (Wan 1.3B dims: dim 1536, ffn 8960, 15 VACE blocks,
 about 735 M parameters, 1.47 GB; ``--scale`` shrinks dim and ffn), then measures each
-method in a fresh subprocess: wall time, peak extra RSS over the process with the model
+method in fresh subprocesses (``--repeat``, median reported): wall time, peak extra RSS over the process with the model
 already built, and the RSS left afterwards (anonymous vs file-backed pages). Prints JSON.
 
     PYTHONPATH=. python benchmarks/weights_load.py            # full size (~6 GB RAM peak)
@@ -10,6 +10,7 @@ already built, and the RSS left afterwards (anonymous vs file-backed pages). Pri
 
 Methods (each in its own process, page cache warmed first so disk speed does not count):
 * ``load_file``: ``safetensors.torch.load_file`` and read every byte of every tensor.
+  (``load_file`` memory-maps too, so its tensors are file-backed pages, not copies.)
 * ``load_file + load_state_dict``: the usual path, copying into the existing parameters.
 * ``load_vace_weights``: this project's loader (validates keys, shapes, NaN/Inf; assigns).
 * ``load_vace_weights mmap=False``: same, one private copy per tensor.
@@ -173,6 +174,17 @@ def child(method: str, file: str, dim: int, ffn: int, blocks: int, dtype_name: s
     return result
 
 
+def _summarise(runs: list[dict]) -> dict:
+    """Median seconds (and the spread) over repeated runs; memory figures from the median run."""
+    if "error" in runs[0]:
+        return runs[0]
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    result = dict(ordered[len(ordered) // 2])
+    result["seconds_all"] = [r["seconds"] for r in runs]
+    result["peak_extra_rss_mib_max"] = max(r["peak_extra_rss_mib"] for r in runs)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=1.0, help="shrink dim and ffn_dim by this factor")
@@ -180,6 +192,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="where to write the file (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the written file")
     parser.add_argument("--dtypes", default="bfloat16,float32", help="model dtypes to measure")
+    parser.add_argument("--repeat", type=int, default=3, help="fresh processes per method (median reported)")
     parser.add_argument("--child", nargs=6, metavar=("METHOD", "FILE", "DIM", "FFN", "BLOCKS", "DTYPE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -199,18 +212,21 @@ def main() -> None:
     try:
         for dtype in args.dtypes.split(","):
             for method in METHODS:
-                with path.open("rb") as fh:  # warm the page cache so every method reads from memory
-                    while fh.read(1 << 24):
-                        pass
-                out = subprocess.run(
-                    [sys.executable, __file__, "--child", method, str(path), str(dim), str(ffn),
-                     str(args.blocks), dtype],
-                    env=env, capture_output=True, text=True, check=False,
-                )
-                if out.returncode != 0:
-                    results.append({"method": method, "model_dtype": dtype, "error": out.stderr.strip()[-2000:]})
-                else:
-                    results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                runs = []
+                for _ in range(args.repeat):
+                    with path.open("rb") as fh:  # warm the page cache so every method reads from memory
+                        while fh.read(1 << 24):
+                            pass
+                    out = subprocess.run(
+                        [sys.executable, __file__, "--child", method, str(path), str(dim), str(ffn),
+                         str(args.blocks), dtype],
+                        env=env, capture_output=True, text=True, check=False,
+                    )
+                    if out.returncode != 0:
+                        runs = [{"method": method, "model_dtype": dtype, "error": out.stderr.strip()[-2000:]}]
+                        break
+                    runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                results.append(_summarise(runs))
     finally:
         if not args.keep:
             path.unlink(missing_ok=True)

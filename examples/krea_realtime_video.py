@@ -673,8 +673,10 @@ class KreaPipelineSpec(PipelineSpec):
             entry["global_end_index"] = torch.tensor([0], dtype=torch.long, device=device)
             entry["local_end_index"] = torch.tensor([0], dtype=torch.long, device=device)
         owner = _block_mask_model(model)
+        # A mask is index data: on meta models it is built on CPU (flex_attention moves it).
+        mask_device = context_frames.device if context_frames.device.type != "meta" else torch.device("cpu")
         owner.block_mask = owner._prepare_blockwise_causal_attn_mask(
-            device=context_frames.device,
+            device=mask_device,
             num_frames=num_context_frames,
             frame_seqlen=fs,
             num_frame_per_block=self.config.num_frame_per_block,

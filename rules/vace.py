@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from surgery.errors import CallError, RuleError
-from surgery.grafting.build import rebuild_like, zero_linear
+from surgery.grafting.build import allocate, rebuild_like, zero_linear
 from surgery.matching.pattern import ATTENTION_BLOCK
 from surgery.rule import GraftContext, Rule, Site, Where
 from surgery.tracing.policy import TracePolicy
@@ -108,11 +108,11 @@ def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_la
         dim = embedder.out_channels
         with torch.device("meta"):
             conv = type(embedder)(vace_in_dim, dim, kernel_size=embedder.kernel_size, stride=embedder.stride)
-        conv = _allocate_like(conv, weight)
+        conv = _allocate_like(conv, weight, context.init)
         count = len(resolved(len(context.matches)))
         blocks = nn.ModuleList()
         for k in range(count):
-            fresh = rebuild_like(block, root=context.model, overrides=BLOCK_OVERRIDES)
+            fresh = rebuild_like(block, root=context.model, overrides=BLOCK_OVERRIDES, init=context.init)
             if k == 0:
                 fresh.before_proj = zero_linear(dim, device=weight.device, dtype=weight.dtype)
             fresh.after_proj = zero_linear(dim, device=weight.device, dtype=weight.dtype)
@@ -123,8 +123,9 @@ def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_la
                    model: nn.Module) -> dict[str, Any]:
         checked = _check_call(inputs, latent, vace_in_dim)
         if checked["vace_context"] is not None:
-            checked["vace_context_scale"] = normalise_scale(inputs.get("vace_context_scale", 1.0),
-                                                            len(getattr(model, BLOCKS)))
+            grafted = getattr(model, BLOCKS, None)
+            count = len(grafted) if grafted is not None else len(resolved(expected(model)))
+            checked["vace_context_scale"] = normalise_scale(inputs.get("vace_context_scale", 1.0), count)
         return checked
 
     def example(latent: Any, model: nn.Module) -> dict[str, Any]:
@@ -150,9 +151,10 @@ def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_la
     )
 
 
-def _allocate_like(module: nn.Module, like: torch.Tensor) -> nn.Module:
-    from surgery.grafting.build import allocate
-    return module if like.device.type == "meta" else allocate(module, device=like.device, dtype=like.dtype)
+def _allocate_like(module: nn.Module, like: torch.Tensor, init: str) -> nn.Module:
+    if like.device.type == "meta":
+        return module
+    return allocate(module, device=like.device, dtype=like.dtype, init=init)
 
 
 def _check_call(inputs: dict[str, Any], latent: Any, vace_in_dim: int) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch.nn as nn
 from .errors import GraftError, OrderError
 from .matching.matcher import Match
 from .module import SurgeryState, rewritten_class
-from .rewriting.specialise import Specialisation, match, specialise, trace_base
+from .rewriting.specialise import add_modules, finish, match, trace_base
 from .rule import GraftContext, Rule
 from .tracing.guards import Guard
 from .tracing.twin import share_tree
@@ -61,7 +61,7 @@ def check_order(model: nn.Module, rule: Rule) -> None:
                          f"start from the base model without {rule.name}; {order}")
 
 
-def _latent_input(view_stream: fx.Node, inputs: dict[str, fx.Node]) -> tuple[str | None, nn.Module | None, str | None]:
+def _stream_source(view_stream: fx.Node, inputs: dict[str, fx.Node]) -> tuple[str | None, str | None]:
     """The input and the leaf module that embed the residual stream (e.g. a patch embedding)."""
     seen, stack = set(), [view_stream]
     embedder = None
@@ -76,8 +76,8 @@ def _latent_input(view_stream: fx.Node, inputs: dict[str, fx.Node]) -> tuple[str
     names = {node: name for name, node in inputs.items()}
     for node in seen:
         if node in names and isinstance(node.meta.get("example_value"), torch.Tensor):
-            return names[node], None, embedder
-    return None, None, embedder
+            return names[node], embedder
+    return None, embedder
 
 
 def apply(model: nn.Module, rule: Rule, *, example_inputs: tuple[tuple, dict], dry_run: bool = False,
@@ -103,38 +103,55 @@ def apply(model: nn.Module, rule: Rule, *, example_inputs: tuple[tuple, dict], d
     new.__dict__["_surgery"] = state
     new.__class__ = rewritten_class(type(model))
     inputs, rule_inputs, positional = state.split(tuple(args), dict(kwargs))
-    base_inputs = dict(inputs)
-    base_inputs.update({name: None for name in rule.inputs})
+    latent_name = _latent_name(inputs)
+    latent = inputs.get(latent_name) if latent_name else None
+    inputs.update(rule.check_call(_example_inputs(rule, latent, new, rule_inputs), inputs, latent, new)
+                  if not dry_run else {name: None for name in rule.inputs})
 
     t0 = time.perf_counter()
-    tracer, trace, twin = trace_base(new, type(model), rule, base_inputs,
+    tracer, trace, twin = trace_base(new, type(model), rule, inputs,
                                      [n for n in inputs if n not in rule.inputs], positional)
+    base_graph = _copy_graph(trace.graph)
     trace_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = match(trace, twin, rule, new)
     match_s = time.perf_counter() - t0
-    first = result.views[0]
-    latent_name, _, embedder_path = _latent_input(first.stream_in, trace.inputs)
+    latent_name, embedder_path = _stream_source(result.views[0].stream_in, trace.inputs)
     state.latent_input = latent_name
     timings = {"trace_s": trace_s, "match_s": match_s}
     if dry_run:
         timings["apply_s"] = time.perf_counter() - started
         return ApplyResult(model, rule, type(model).__name__, result.matches, [], list(trace.notes), None,
-                           trace.graph, timings, dict(trace.leaf_calls), dry_run=True)
+                           base_graph, timings, dict(trace.leaf_calls), dry_run=True)
 
     t0 = time.perf_counter()
-    grafted = _graft(new, rule, result.matches, embedder_path, graft_init)
+    grafted, modules = _graft(new, rule, result.matches, embedder_path, graft_init)
+    add_modules(tracer, twin, modules)
     timings["graft_s"] = time.perf_counter() - t0
-
-    latent = inputs.get(latent_name) if latent_name else None
-    rule_example = rule.check_call(_example_inputs(rule, latent, new, rule_inputs), inputs, latent, new)
     t0 = time.perf_counter()
-    spec, _, _ = specialise(new, type(model), rule, {**inputs, **rule_example}, positional)
+    spec = finish(new, tracer, trace, result, rule, twin, inputs, trace_s)
     state.add(spec)
+    state.reasons.append("apply")
     timings["rewrite_s"] = time.perf_counter() - t0
     timings["apply_s"] = time.perf_counter() - started
     return ApplyResult(new, rule, type(model).__name__, spec.matches, grafted, list(spec.guards.notes), spec.graph,
-                       trace.graph, timings, spec.leaf_calls)
+                       base_graph, timings, spec.leaf_calls)
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    copy = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        env[node] = copy.node_copy(node, lambda n: env[n])
+    return copy
+
+
+def _latent_name(inputs: dict[str, Any]) -> str | None:
+    """The first positional tensor: the latent the residual stream is embedded from."""
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            return name
+    return None
 
 
 def _example_inputs(rule: Rule, latent: Any, model: nn.Module, given: dict[str, Any]) -> dict[str, Any]:
@@ -143,13 +160,15 @@ def _example_inputs(rule: Rule, latent: Any, model: nn.Module, given: dict[str, 
     return rule.example(latent, model)
 
 
-def _graft(new: nn.Module, rule: Rule, matches: list[Match], embedder_path: str | None, init: str) -> list[Grafted]:
+def _graft(new: nn.Module, rule: Rule, matches: list[Match], embedder_path: str | None,
+           init: str) -> tuple[list[Grafted], dict[str, nn.Module]]:
     context = GraftContext(
         model=new,
         matches=matches,
         matched_modules=[new.get_submodule(m.name) for m in matches],
         stream_embedder=new.get_submodule(embedder_path) if embedder_path else None,
         root_attributes={k: v for k, v in vars(new).items() if not k.startswith("_")},
+        init=init,
     )
     modules = rule.grafts(context)
     grafted = []
@@ -162,4 +181,4 @@ def _graft(new: nn.Module, rule: Rule, matches: list[Match], embedder_path: str 
             params = dict(part.named_parameters(prefix=f"{name}.{suffix}" if suffix else name))
             grafted.append(Grafted(f"{name}.{suffix}" if suffix else name, sum(p.numel() for p in params.values()),
                                    {k: tuple(v.shape) for k, v in params.items()}))
-    return grafted
+    return grafted, modules

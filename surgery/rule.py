@@ -54,6 +54,7 @@ class GraftContext:
     matched_modules: list[nn.Module]
     stream_embedder: nn.Module | None
     root_attributes: Mapping[str, Any]
+    init: str = "zeros"
 
 
 Action = Callable[[Site], Any]

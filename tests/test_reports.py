@@ -197,13 +197,17 @@ def test_mermaid_shows_one_injection_point_and_the_collapsed_branch():
     assert "%% showing the first of 2 injection points" in text
     boxes = re.findall(r'^  (g\d+)\["([^<]+)<br/>(\d+) nodes?"\]:::branch$', text, re.M)
     labels = [label for _, label, _ in boxes]
-    assert labels == ["vace_embed", "vace_blocks.0", "vace (ops)", "vace_blocks.1"]
+    # The hint scaling (c * 0.5) runs outside any module and joins the box of its input.
+    assert labels == ["vace_embed", "vace_blocks.0", "vace_blocks.1"]
+    assert [int(n) for _, _, n in boxes] == [1, 5, 5]
     inject = re.findall(r'^  (inj\d*)\[".*"\]:::inject$', text, re.M)
     assert len(inject) == 1  # the first injection point is a single add here
     assert "@vace.inject.0/add" in text and "@vace.inject.1/add" not in text
     box = {label: gid for gid, label, _ in boxes}
     assert f"  {box['vace_embed']} --> {box['vace_blocks.0']}" in text
-    assert re.search(rf"^  {box['vace (ops)']} --> {inject[0]}$", text, re.M)
+    assert f"  {box['vace_blocks.0']} --> {box['vace_blocks.1']}" in text
+    assert re.search(rf"^  {box['vace_blocks.0']} --> {inject[0]}$", text, re.M)
+    assert re.search(r'^  x\d+\["%blocks.0/add<br/>operator.add"\]:::base$', text, re.M)
     assert re.search(rf'^  x\d+\(\["%in:vace_context"\]\):::input$', text, re.M)
 
 
@@ -287,7 +291,7 @@ def test_read_only_directory_is_a_report_error(tmp_path):
 # --- report.json / report.md ------------------------------------------------------------
 
 TOP_KEYS = {"schema_version", "model", "source", "rule", "options", "matches", "grafted", "guards",
-            "validation", "timings", "graph", "golden"}
+            "validation", "timings", "dry_run", "graph", "golden"}
 
 
 def test_report_json_schema_keys(tmp_path):
@@ -315,6 +319,18 @@ def test_report_json_schema_keys(tmp_path):
     json_path, md_path = write_report(tmp_path / "r", report, render_markdown(report, result.base_graph, result.graph))
     assert json.loads(json_path.read_text()) == report
     assert md_path.read_text().startswith("# Surgery report: vace on Tiny")
+
+
+def test_dry_run_report_has_unknown_graph_counts():
+    result = fake_result()
+    result.graph, result.grafted = None, []
+    result.dry_run = True  # type: ignore[attr-defined]
+    report = build_report(result)
+    assert report["dry_run"] is True and report["grafted"] == []
+    assert report["graph"]["nodes"] is None and report["graph"]["inserted"] is None
+    md = render_markdown(report, result.base_graph, None)
+    assert "3 matches, dry run (nothing grafted or rewritten), not validated." in md
+    assert "```mermaid" not in md and "```diff" not in md
 
 
 def test_report_without_validation_has_null_sections():
@@ -346,4 +362,5 @@ def test_markdown_has_every_section():
     assert "```mermaid\nflowchart TD\n" in md
     assert "```diff\n--- base (before surgery)\n+++ rewritten (after surgery)\n" in md
     assert "+%@vace.inject.0/add = call_function operator.add" in md
-    assert "| added | vace_blocks.* | call_module | `vace_blocks.*.norm` | vace:branch | x2 |" in md
+    assert "| added | vace_blocks.*.norm | call_module | `vace_blocks.*.norm` | vace:branch | x2 |" in md
+    assert "| added | @vace.inject.* | call_function | `operator.add` | vace:inject | x2 |" in md

@@ -180,7 +180,8 @@ def run_apply(opts: ApplyOptions, backend: Backend | None = None) -> int:
         raise InputError(f"{flag} needs the rewritten model, which --dry-run does not build", f"drop --dry-run or {flag}")
     backend = backend or engine_backend()
     out = render.console()
-    loaded = load_model(opts.model, size=opts.size, seed=opts.seed)
+    need_values = bool(opts.validate or opts.save or opts.weights)
+    loaded = load_model(opts.model, size=opts.size, seed=opts.seed, need_values=need_values)
     rule = build_rule(opts.rule, opts.set, loaded)
     result = backend.apply(loaded.model, rule, example_inputs=loaded.example_inputs, dry_run=opts.dry_run)
     _print_result(out, result)
@@ -236,7 +237,7 @@ def run_diff(opts: DiffOptions, backend: Backend | None = None) -> int:
     """``surgery diff``: compare the rewritten graph with its golden (exit 1 on drift) or ``--update`` it."""
     backend = backend or engine_backend()
     out = render.console()
-    loaded = load_model(opts.model, size=opts.size, seed=opts.seed)
+    loaded = load_model(opts.model, size=opts.size, seed=opts.seed, need_values=False)
     rule = build_rule(opts.rule, opts.set, loaded)
     golden_path = Path(opts.golden) if opts.golden else default_golden(loaded, opts.rule)
     result = backend.apply(loaded.model, rule, example_inputs=loaded.example_inputs, dry_run=False)

@@ -18,6 +18,7 @@ from surgery.errors import InputError
 
 SIZES = ("tiny", "1.3B", "14B")
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 @dataclass
@@ -51,11 +52,14 @@ def _example_call(model: nn.Module, pipeline: Any, seed: int) -> tuple[tuple, di
     return tuple(args), dict(kwargs)
 
 
-def _load_builtin(name: str, pipeline: Any, size: str | None, seed: int) -> LoadedModel:
+def _load_builtin(name: str, pipeline: Any, size: str | None, seed: int, need_values: bool) -> LoadedModel:
     size = size or "tiny"
     if size not in SIZES:
         raise InputError(f"unknown size {size!r}", f"use one of {', '.join(SIZES)}")
-    model = pipeline.build(size=size, seed=seed)
+    # Real sizes are built on the meta device unless weights are actually needed: tracing
+    # and matching never read values, and a random 14B model needs ~56 GB.
+    init = "random" if size == "tiny" or need_values else "meta"
+    model = pipeline.build(size=size, seed=seed, init=init)
     return LoadedModel(name=name, model=model, example_inputs=_example_call(model, pipeline, seed), pipeline=pipeline, size=size)
 
 
@@ -80,7 +84,7 @@ def _split_example(value: Any, spec: str) -> tuple[nn.Module, tuple[tuple, dict]
 
 def _load_factory(spec: str) -> LoadedModel:
     module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
+    if not _DOTTED.match(module_name) or not _DOTTED.match(attr):
         raise InputError(f"bad model reference {spec!r}", "write it as package.module:factory")
     try:
         module = importlib.import_module(module_name)
@@ -104,15 +108,16 @@ def _load_factory(spec: str) -> LoadedModel:
     return LoadedModel(name=spec, model=model, example_inputs=inputs)
 
 
-def load_model(spec: str, size: str | None = None, seed: int = 0) -> LoadedModel:
+def load_model(spec: str, size: str | None = None, seed: int = 0, need_values: bool = True) -> LoadedModel:
     """Build the model named by the CLI's MODEL argument.
 
-    Raises :class:`InputError` for an unknown name, an unimportable module or a factory
-    that does not return a model.
+    ``need_values=False`` lets built-in models at real sizes (1.3B, 14B) live on the meta
+    device (enough for tracing, matching and graph diffs). Raises :class:`InputError` for
+    an unknown name, an unimportable module or a factory that does not return a model.
     """
     pipelines = builtin_pipelines()
     if spec in pipelines:
-        return _load_builtin(spec, pipelines[spec], size, seed)
+        return _load_builtin(spec, pipelines[spec], size, seed, need_values)
     if ":" in spec:
         return _load_factory(spec)
     known = ", ".join(sorted(pipelines)) or "(none installed)"

@@ -51,7 +51,12 @@ def _model_and_rule(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (exposed for tests and documentation)."""
-    parser = _Parser(prog="surgery", description="Rule-based model surgery on torch.fx graphs.")
+    parser = _Parser(
+        prog="surgery",
+        description="Rule-based model surgery on torch.fx graphs.",
+        epilog="exit codes: 0 success; 1 validation failed or the graph drifted from its golden; "
+               "2 bad usage, bad input or a surgery error; 3 internal error (rerun with --debug)",
+    )
     parser.add_argument("--debug", action="store_true", default=False, help="show the traceback of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

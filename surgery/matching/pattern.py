@@ -49,13 +49,7 @@ class CallView:
 
 
 def view_of(call: ModuleCall, root: nn.Module) -> CallView:
-    nodes: list[fx.Node] = []
-    node = call.first_node
-    while node is not None and node.op != "root":
-        nodes.append(node)
-        if node is call.last_node:
-            break
-        node = node.next
+    nodes = list(call.nodes)
     stream_in = call.args[0].node if call.args and isinstance(call.args[0], ConcreteProxy) else None
     out = call.output
     if isinstance(out, (tuple, list)) and out:

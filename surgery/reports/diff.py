@@ -1,9 +1,9 @@
 """Graph diffs on canonical text: unified diffs, node-level change lists, goldens.
 
-Nodes of the two graphs are aligned in two passes: first on their full structure (op,
-target, base name and arguments), then, inside each region that differs, on op/target/base
-name alone so that a node whose inputs were rewired shows up as *changed* rather than as
-a removal plus an addition.
+Nodes of the two graphs are aligned in passes of decreasing strictness: on the whole
+line, then (inside each region that differs) on the line with node references blanked,
+then on op/target/base name alone, so that a node whose inputs were rewired or whose
+literal arguments changed shows up as *changed* rather than as a removal plus an addition.
 """
 from __future__ import annotations
 
@@ -37,8 +37,7 @@ class NodeChange:
     role: str = ""
     before: str | None = None
     after: str | None = None
-
-    detail: str = ""
+    detail: str = ""  # for "changed": which parts differ (inputs/arguments, shape, surgery role)
 
     def describe(self) -> str:
         """One line naming the node, its module path and op, e.g. ``added blocks.0: call_function operator.mul (%blocks.0/mul)``."""
@@ -86,8 +85,17 @@ def _full_key(line: ParsedLine) -> str:
     return _strip_counters(line.text)
 
 
-def _coarse_key(line: ParsedLine) -> tuple[str, str, str]:
-    return (line.op, line.target, _strip_counters(line.name))
+def _literal_key(line: ParsedLine) -> str:
+    # The line with every node reference blanked: pairs nodes whose inputs were rewired.
+    return _REF.sub("%", line.text.split(" = ", 1)[1]) + " " + _strip_counters(line.name)
+
+
+def _coarse_key(line: ParsedLine) -> str:
+    # Op, target and base name only: pairs nodes whose literal arguments changed.
+    return f"{line.op} {line.target} {_strip_counters(line.name)}"
+
+
+_KEYS = (_full_key, _literal_key, _coarse_key)
 
 
 def _split_line(text: str) -> tuple[str, str, str]:
@@ -118,25 +126,29 @@ def _change(status: str, old: ParsedLine | None, new: ParsedLine | None, detail:
     )
 
 
-def _align(before: list[ParsedLine], after: list[ParsedLine]) -> tuple[list[tuple[int, int]], list[int], list[int]]:
-    """Pair nodes of two graphs: returns (pairs, unpaired before indices, unpaired after indices)."""
+def _align(before: list[ParsedLine], after: list[ParsedLine], level: int = 0,
+           offset: tuple[int, int] = (0, 0)) -> tuple[list[tuple[int, int]], list[int], list[int]]:
+    """Pair nodes of two graphs: returns (pairs, unpaired before indices, unpaired after indices).
+
+    Each region left unpaired at one level is aligned again with a looser key, so a node
+    is paired as strictly as possible: same line, then same literals, then same op/target.
+    """
+    i0, j0 = offset
+    if level == len(_KEYS):
+        return [], [i0 + i for i in range(len(before))], [j0 + j for j in range(len(after))]
+    key = _KEYS[level]
     pairs: list[tuple[int, int]] = []
     removed: list[int] = []
     added: list[int] = []
-    outer = difflib.SequenceMatcher(a=[_full_key(x) for x in before], b=[_full_key(x) for x in after], autojunk=False)
-    for tag, i1, i2, j1, j2 in outer.get_opcodes():
+    matcher = difflib.SequenceMatcher(a=[key(x) for x in before], b=[key(x) for x in after], autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
         if tag == "equal":
-            pairs += list(zip(range(i1, i2), range(j1, j2)))
+            pairs += [(i0 + i, j0 + j) for i, j in zip(range(i1, i2), range(j1, j2))]
             continue
-        inner = difflib.SequenceMatcher(
-            a=[_coarse_key(x) for x in before[i1:i2]], b=[_coarse_key(x) for x in after[j1:j2]], autojunk=False
-        )
-        for itag, a1, a2, b1, b2 in inner.get_opcodes():
-            if itag == "equal":
-                pairs += [(i1 + a, j1 + b) for a, b in zip(range(a1, a2), range(b1, b2))]
-            else:
-                removed += range(i1 + a1, i1 + a2)
-                added += range(j1 + b1, j1 + b2)
+        p, r, a = _align(before[i1:i2], after[j1:j2], level + 1, (i0 + i1, j0 + j1))
+        pairs += p
+        removed += r
+        added += a
     return pairs, removed, added
 
 
@@ -192,6 +204,7 @@ def read_golden(golden_path: str | os.PathLike[str]) -> str:
     """Read a golden canonical text; :class:`ReportError` if it is missing or unreadable."""
     path = Path(golden_path)
     try:
+        # Text mode reads CRLF as LF, so an autocrlf checkout does not read as drift.
         return path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise ReportError(

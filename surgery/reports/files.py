@@ -45,11 +45,24 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _target_mode(path: Path) -> int:
+    """The permissions the final file should have: the old file's, else the umask default."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def _stage(path: Path, data: bytes) -> Path:
     """Write ``data`` to a fsynced temporary file next to ``path``; return the temp path."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
+            if hasattr(os, "fchmod"):
+                # mkstemp creates 0600 files; a report or golden should look like any other file.
+                os.fchmod(handle.fileno(), _target_mode(path))
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

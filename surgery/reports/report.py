@@ -91,9 +91,7 @@ def normalise_validation(validation: Any) -> dict[str, Any] | None:
     return {"passed": bool(passed), "cases": cases}
 
 
-def _inserted(graph: torch.fx.Graph | None) -> int:
-    if graph is None:
-        return 0
+def _inserted(graph: torch.fx.Graph) -> int:
     return sum(1 for n in graph.nodes if isinstance(n.meta.get("surgery"), dict))
 
 
@@ -134,10 +132,12 @@ def build_report(
         "guards": [{"kind": g.kind, "expr": g.expr, "value": str(g.value), "where": g.where} for g in result.guards],
         "validation": normalise_validation(validation),
         "timings": {key: _float_or_none(all_timings.get(key)) for key in ("trace_s", "apply_s", "validate_s")},
+        "dry_run": bool(getattr(result, "dry_run", False)),
         "graph": {
-            "nodes": len(graph.nodes) if graph is not None else 0,
-            "inserted": _inserted(graph),
-            "base_nodes": len(base.nodes) if base is not None else 0,
+            # A dry run builds no rewritten graph: its counts are unknown, not zero.
+            "nodes": len(graph.nodes) if graph is not None else None,
+            "inserted": _inserted(graph) if graph is not None else None,
+            "base_nodes": len(base.nodes) if base is not None else None,
         },
         "golden": dict(golden) if golden is not None else None,
     }
@@ -169,12 +169,13 @@ def summary_line(report: Mapping[str, Any]) -> str:
     """One sentence: rule, model, matches, grafted parameters, inserted nodes, validation verdict."""
     params = sum(g["params"] for g in report["grafted"])
     graph = report["graph"]
-    parts = [
-        f"**{report['rule']}** on **{report['model']}**",
-        f"{len(report['matches'])} matches",
-        f"{len(report['grafted'])} grafted modules ({_params(params)} parameters)",
-        f"{graph['inserted']} nodes inserted ({graph['base_nodes']} -> {graph['nodes']})",
-    ]
+    parts = [f"**{report['rule']}** on **{report['model']}**", f"{len(report['matches'])} matches"]
+    if report.get("dry_run"):
+        parts.append("dry run (nothing grafted or rewritten)")
+    else:
+        parts.append(f"{len(report['grafted'])} grafted modules ({_params(params)} parameters)")
+        if graph["nodes"] is not None:
+            parts.append(f"{graph['inserted']} nodes inserted ({graph['base_nodes']} -> {graph['nodes']})")
     validation = report.get("validation")
     if validation is None:
         parts.append("not validated")

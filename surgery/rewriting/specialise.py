@@ -133,31 +133,42 @@ def compile_graph(graph: fx.Graph) -> tuple[str, Callable[..., Any]]:
     return code.src, namespace["forward"]
 
 
-def specialise(model: nn.Module, base_cls: type, rule: Rule, inputs: dict[str, Any], positional: int,
-               with_actions: bool = True) -> tuple[Specialisation, Trace, MatchResult]:
+def specialise(model: nn.Module, base_cls: type, rule: Rule, inputs: dict[str, Any], positional: int
+               ) -> tuple[Specialisation, Trace, MatchResult]:
     """Build the specialisation for ``inputs`` (real values; nothing real is executed)."""
     base_names = [n for n in inputs if n not in rule.inputs]
     started = time.perf_counter()
     tracer, trace, twin = trace_base(model, base_cls, rule, inputs, base_names, positional)
     trace_s = time.perf_counter() - started
-    started = time.perf_counter()
     result = match(trace, twin, rule, model)
-    if with_actions:
-        marker = set(trace.graph.nodes)
-        rewrite(tracer, trace, result, rule, twin)
-        for node in trace.graph.nodes:
-            if node not in marker and "surgery" not in node.meta:
-                node.meta["surgery"] = {"rule": rule.name, "role": "branch", "index": None}
+    spec = finish(model, tracer, trace, result, rule, twin, inputs, trace_s)
+    return spec, trace, result
+
+
+def finish(model: nn.Module, tracer: ExampleTracer, trace: Trace, result: MatchResult, rule: Rule,
+           twin: nn.Module, inputs: dict[str, Any], trace_s: float) -> Specialisation:
+    """Apply the rule's actions to a traced, matched graph, compile it and record its guards."""
+    started = time.perf_counter()
+    before = set(trace.graph.nodes)
+    rewrite(tracer, trace, result, rule, twin)
+    for node in trace.graph.nodes:
+        if node not in before and "surgery" not in node.meta:
+            node.meta["surgery"] = {"rule": rule.name, "role": "branch", "index": None}
     code, fn = compile_graph(trace.graph)
     rewrite_s = time.perf_counter() - started
-    deps = set(tracer.deps)
     guards = GuardSet(
         signature=call_signature(inputs),
-        deps={dep: evaluate(dep, inputs, model) for dep in deps},
+        deps={dep: evaluate(dep, inputs, model) for dep in tracer.deps},
         state=snapshot_state(model, [""] + tracer.traced_modules),
         notes=list(tracer.notes),
     )
-    spec = Specialisation(guards, trace.graph, code, fn, list(trace.inputs), result.matches, trace_s, rewrite_s,
+    return Specialisation(guards, trace.graph, code, fn, list(trace.inputs), result.matches, trace_s, rewrite_s,
                           dict(tracer.leaf_calls))
-    return spec, trace, result
 
+
+def add_modules(tracer: ExampleTracer, twin: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Make freshly grafted modules visible to an ongoing trace (as meta twins)."""
+    for name, module in modules.items():
+        twin.add_module(name, meta_twin(module))
+    tracer.submodule_paths = {mod: name for name, mod in twin.named_modules()}
+    tracer._param_names = {id(p): n for n, p in twin.named_parameters(remove_duplicate=False)}

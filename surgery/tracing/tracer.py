@@ -157,6 +157,19 @@ class ModuleCall:
     index: int = 0
     example_args: tuple = ()
     example_kwargs: dict = field(default_factory=dict)
+    nodes: list = field(default_factory=list)
+    replayed_from: str | None = None
+
+
+@dataclass
+class Template:
+    """A traced module call that identical later calls replay instead of re-executing."""
+
+    call: ModuleCall
+    nested: list
+    traced_modules: list[str]
+    leaf_calls: dict[str, list[str]]
+    notes: int
 
 
 @dataclass
@@ -205,6 +218,8 @@ class ExampleTracer(fx.Tracer):
         self._param_proxies: dict[str, ConcreteProxy] = {}
         self._implementation_entered = False
         self._leaf_stack: list[str] = []
+        self._created: list[fx.Node] = []
+        self._templates: dict[tuple, Template] = {}
 
     # ----- proxies -----------------------------------------------------------------
     def proxy(self, node: fx.Node) -> ConcreteProxy:
@@ -372,15 +387,71 @@ class ExampleTracer(fx.Tracer):
         qualname = self.path_of_module(m)
         if self.is_leaf_module(m, qualname):
             return _structured(super().call_module(m, forward, args, kwargs))
+        key = replay_key(m, args, kwargs)
+        template = self._templates.get(key) if key is not None else None
+        if template is not None:
+            return self._replay(template, m, qualname, args, kwargs)
         call = ModuleCall(qualname, m, args, kwargs, depth=len(self.module_stack), index=len(self.calls),
                           example_args=_concrete(args), example_kwargs=_concrete(kwargs))
         self.calls.append(call)
         if qualname not in self.traced_modules:
             self.traced_modules.append(qualname)
-        before = _last_node(self.graph)
+        start, deps_before, calls_before = len(self._created), set(self.deps), len(self.calls)
+        leaf_before = {k: len(v) for k, v in self.leaf_calls.items()}
+        notes_before = len(self.notes)
         call.output = super().call_module(m, forward, args, kwargs)
-        call.first_node = before.next if before is not None else _first_node(self.graph)
-        call.last_node = _last_node(self.graph)
+        call.nodes = self._created[start:]
+        call.first_node = call.nodes[0] if call.nodes else None
+        call.last_node = call.nodes[-1] if call.nodes else None
+        if key is not None and all(len(d[1]) == 1 for d in self.deps - deps_before if d[0] == "input"):
+            # Pure in its inputs' metadata: later identical calls replay this subgraph.
+            self._templates[key] = Template(call, self.calls[calls_before:], self.traced_modules[:],
+                                            {k: v[leaf_before.get(k, 0):] for k, v in self.leaf_calls.items()},
+                                            len(self.notes) - notes_before)
+        return call.output
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        self._created.append(node)
+        return node
+
+    def _replay(self, template: "Template", module: nn.Module, qualname: str, args: tuple, kwargs: dict) -> Any:
+        """Copy a template call's subgraph for an identical module at another path."""
+        source = template.call
+        env: dict[fx.Node, fx.Node] = {}
+        for old, new in zip(_proxies((source.args, source.kwargs)), _proxies((args, kwargs))):
+            env[old.node] = new.node
+        old_prefix, new_prefix = source.qualname + ".", qualname + "."
+
+        def retarget(target: Any) -> Any:
+            if isinstance(target, str) and target.startswith(old_prefix):
+                return new_prefix + target[len(old_prefix):]
+            return target
+
+        for node in source.nodes:
+            copy_ = self.graph.node_copy(node, lambda n: env.get(n, n))
+            if copy_.op in ("call_module", "get_attr"):
+                copy_.target = retarget(copy_.target)
+            stack = node.meta.get("nn_module_stack")
+            if stack:
+                copy_.meta["nn_module_stack"] = {retarget(k + ".")[:-1] if k else k: v for k, v in stack.items()}
+            self._created.append(copy_)
+            env[node] = copy_
+        call = ModuleCall(qualname, module, args, kwargs, depth=source.depth, index=len(self.calls),
+                          example_args=_concrete(args), example_kwargs=_concrete(kwargs))
+        call.nodes = [env[n] for n in source.nodes]
+        call.first_node = call.nodes[0] if call.nodes else None
+        call.last_node = call.nodes[-1] if call.nodes else None
+        call.output = _map_proxies(source.output, lambda p: _clone_proxy(p, env.get(p.node, p.node), self))
+        call.replayed_from = source.qualname
+        self.calls.append(call)
+        for name in template.traced_modules:
+            renamed = retarget(name + ".")[:-1] if name != source.qualname else qualname
+            if (name == source.qualname or name.startswith(old_prefix)) and renamed not in self.traced_modules:
+                self.traced_modules.append(renamed)
+        for leaf, used in template.leaf_calls.items():
+            if leaf.startswith(old_prefix):
+                self.leaf_calls.setdefault(retarget(leaf), []).extend(retarget(u) for u in used)
         return call.output
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
@@ -524,6 +595,57 @@ class ExampleTracer(fx.Tracer):
         return TraceError(
             f"cannot trace `{line}` at {where} ({type(error).__name__}: {message})",
             f"make {owner} a leaf (TracePolicy.extra_leaves) or give it a cache argument so it runs eagerly")
+
+
+def _map_proxies(value: Any, fn: Any) -> Any:
+    if isinstance(value, ConcreteProxy):
+        return fn(value)
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_map_proxies(v, fn) for v in value)
+    if isinstance(value, list):
+        return [_map_proxies(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_proxies(v, fn) for k, v in value.items()}
+    return value
+
+
+def _clone_proxy(proxy: ConcreteProxy, node: fx.Node, tracer: "ExampleTracer") -> ConcreteProxy:
+    return ConcreteProxy(node, tracer, proxy.concrete, proxy.tainted, proxy.deps, proxy.meta_deps, None)
+
+
+def _value_key(value: Any) -> Any:
+    """What a module call's behaviour may depend on, for one argument value."""
+    if isinstance(value, ConcreteProxy):
+        return ("proxy", _value_key(value.concrete))
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex() or value.device.type == "meta":
+            return ("t", tuple(value.shape), value.dtype, value.device.type)
+        return ("i", tuple(value.shape), value.dtype, tuple(value.flatten().tolist()))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_value_key(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _value_key(v)) for k, v in value.items()))
+    if isinstance(value, (bool, int, float, str, type(None), torch.dtype, torch.device)):
+        return ("v", type(value).__name__, value)
+    raise TypeError(type(value))
+
+
+def _module_key(module: nn.Module) -> tuple:
+    parts = []
+    for name, sub in module.named_modules():
+        params = tuple((n, tuple(p.shape), p.dtype) for n, p in sub.named_parameters(recurse=False))
+        attrs = tuple((k, v) for k, v in vars(sub).items()
+                      if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None))))
+        parts.append((name, type(sub), params, attrs))
+    return tuple(parts)
+
+
+def replay_key(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    """Identical structure and identical argument metadata: the same traced subgraph."""
+    try:
+        return (_module_key(module), _value_key(args), _value_key(kwargs))
+    except TypeError:
+        return None
 
 
 def _structured(value: Any) -> Any:

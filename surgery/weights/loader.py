@@ -1,18 +1,23 @@
 """Load VACE-branch weights from safetensors into a module with native VACE keys.
 
-The load is transactional: every check (keys, shapes, counts, finiteness, ranges) runs
-on the memory-mapped file tensors first, and the module is touched only when all of
-them pass; if anything still fails while parameters are being swapped in, the swap is
-undone. Parameters are replaced by assignment (as ``load_state_dict(assign=True)``
-does) rather than copied into, so a tensor whose dtype already matches on a CPU model
-costs no copy at all: the parameter keeps pointing into the file's memory map.
+Validate first, then touch: every check (keys, shapes, counts, finiteness, ranges, the
+all-zero patch embedding) runs on the memory-mapped file tensors before the module is
+modified, so a bad file leaves the module exactly as it was.
+
+How each tensor lands in the module:
+* same dtype, CPU parameter, ``mmap=True``: the parameter is *replaced* by the mapped
+  file tensor (assign-style, like ``load_state_dict(assign=True)``): no copy at all;
+* parameter on ``meta``: replaced by a converted CPU tensor (there is nothing to copy into);
+* otherwise (dtype or device differ, or ``mmap=False``): copied into the existing
+  parameter, converting in the copy kernel (like ``load_state_dict()``): one pass, no
+  second model-sized allocation, and the parameter keeps its device and storage.
 """
 from __future__ import annotations
 
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,6 +150,10 @@ def _assign(slot: _Slot, value: torch.Tensor) -> None:
         (owner._parameters if slot.is_param else owner._buffers)[attr] = new
 
 
+def _copy_into(slot: _Slot, value: torch.Tensor) -> None:
+    slot.tensor.copy_(value)
+
+
 def load_vace_weights(
     module: nn.Module,
     path: str | Path,
@@ -171,11 +180,16 @@ def load_vace_weights(
         expect_vace_in_dim, expect_blocks: optional expectations checked against the
             values inferred from the file.
         mmap: when a stored tensor already has the parameter's dtype and the parameter
-            is on the CPU, the parameter shares the file's memory map (no copy; the file
-            must not be modified while the model uses it). ``False`` makes one private copy.
+            is on the CPU, the parameter becomes the file's memory-mapped tensor (no copy;
+            copy-on-write, so writing the parameter never writes the file, but the file
+            must not be truncated or rewritten in place while the model uses it).
+            ``False`` copies into the existing parameter instead.
 
-    Every tensor is converted to the dtype (and device) of the parameter it replaces,
-    so mixed-dtype checkpoints are fine. On any error the module is left unchanged.
+    Every tensor is converted to the dtype and device of the parameter it loads into
+    (per tensor, so mixed-dtype checkpoints are fine); weights stay on the model's
+    device. All checks run before the module is touched, so on any error the module is
+    unchanged. (Only an interrupt or a device fault during the final copies could leave
+    it partly loaded; replaced parameters are then restored.)
 
     Raises:
         WeightsError: unreadable or unsafe file, key/shape/count mismatch, NaN/Inf,
@@ -184,11 +198,9 @@ def load_vace_weights(
     """
     start = time.perf_counter()
     entries = resolve_checkpoint(path)
-    selection = select_keys(
-        entries, strip_prefixes=strip_prefixes, key_map=key_map, keep_prefixes=vace_prefixes
-    )
-    chosen: dict[str, TensorEntry] = {k: entries[n] for k, n in selection.selected.items()}
-    files = sorted({str(e.file) for e in chosen.values()}) or sorted({str(e.file) for e in entries.values()})
+    selection = select_keys(entries, strip_prefixes=strip_prefixes, key_map=key_map, keep_prefixes=vace_prefixes)
+    chosen = {k: entries[n] for k, n in selection.selected.items()}
+    files = sorted({str(e.file) for e in (chosen or entries).values()})
     where = ", ".join(files)
     if not chosen:
         sample = _listing(sorted(entries), len(entries)) if entries else "no tensors"
@@ -196,14 +208,56 @@ def load_vace_weights(
             f"{where} holds no VACE keys ({', '.join(vace_prefixes)}) after prefix stripping; it has {sample}",
             "pass a VACE checkpoint (a VACE-only module or a full VACE model), or a key_map for its naming",
         )
+    file_in_dim, file_blocks = _infer(chosen)
+    _check_expectations(where, chosen, file_in_dim, file_blocks, expect_vace_in_dim, expect_blocks)
 
-    file_blocks = block_indices(chosen)
+    slots = _module_slots(module, vace_prefixes)
+    _check_model(where, slots, vace_prefixes, file_in_dim, file_blocks)
+    plan = _plan(slots, chosen, files)
+
+    counts = _Counts()
+    with open_tensors({e.file for _, _, e in plan}) as handles:
+        values = [_read_checked(handles, key, entry, slot) for slot, key, entry in plan]
+        _commit(plan, values, mmap, counts)
+
+    return LoadReport(
+        files=tuple(files),
+        tensors=len(plan),
+        file_dtypes=dict(counts.file_dtypes),
+        target_dtypes=dict(counts.target_dtypes),
+        bytes_read=sum(e.nbytes for _, _, e in plan),
+        seconds=time.perf_counter() - start,
+        vace_in_dim=file_in_dim,
+        blocks=len(file_blocks),
+        ignored=selection.dropped,
+        shared=counts.shared,
+        converted=counts.converted,
+        copied=counts.copied,
+        key_map_rules=len(key_map or ()),
+        devices=dict(counts.devices),
+    )
+
+
+def _infer(chosen: dict[str, TensorEntry]) -> tuple[int | None, list[int]]:
+    """vace_in_dim (patch embedding input channels) and the VACE block indices of a file."""
     patch = chosen.get(PATCH_EMBEDDING_KEY)
-    file_in_dim = patch.shape[1] if patch is not None and len(patch.shape) > 1 else None
+    in_dim = patch.shape[1] if patch is not None and len(patch.shape) > 1 else None
+    return in_dim, block_indices(chosen)
+
+
+def _check_expectations(
+    where: str,
+    chosen: dict[str, TensorEntry],
+    file_in_dim: int | None,
+    file_blocks: list[int],
+    expect_vace_in_dim: int | None,
+    expect_blocks: int | None,
+) -> None:
     if expect_vace_in_dim is not None and file_in_dim != expect_vace_in_dim:
+        patch = chosen.get(PATCH_EMBEDDING_KEY)
         raise WeightsError(
-            f"{where} has vace_in_dim {file_in_dim} ({PATCH_EMBEDDING_KEY} shape {list(patch.shape) if patch else None})"
-            f" but {expect_vace_in_dim} was expected",
+            f"{where} has vace_in_dim {file_in_dim} ({PATCH_EMBEDDING_KEY} shape "
+            f"{list(patch.shape) if patch else None}) but {expect_vace_in_dim} was expected",
             "use a checkpoint with the expected vace_in_dim, or change the expectation",
         )
     if expect_blocks is not None and len(file_blocks) != expect_blocks:
@@ -213,7 +267,11 @@ def load_vace_weights(
             "use the checkpoint matching vace_layers, or build the model with as many VACE layers as the file has",
         )
 
-    slots = _module_slots(module, vace_prefixes)
+
+def _check_model(
+    where: str, slots: dict[str, _Slot], vace_prefixes: Sequence[str], file_in_dim: int | None, file_blocks: list[int]
+) -> None:
+    """Model-level fit: a VACE branch exists, carries no LoRA, and has the file's in_dim and depth."""
     if not slots:
         raise WeightsError(
             f"the model has no VACE parameters ({', '.join(vace_prefixes)}) to load {where} into",
@@ -225,9 +283,9 @@ def load_vace_weights(
             f"the VACE modules already carry LoRA/PEFT layers (e.g. {peft_keys[0]!r}), so native VACE keys cannot load",
             "keep the order Base -> VACE -> LoRA: load the VACE weights before injecting any LoRA",
         )
-    model_patch = slots.get(PATCH_EMBEDDING_KEY)
-    if file_in_dim is not None and model_patch is not None and model_patch.tensor.dim() > 1:
-        model_in_dim = model_patch.tensor.shape[1]
+    patch = slots.get(PATCH_EMBEDDING_KEY)
+    if file_in_dim is not None and patch is not None and patch.tensor.dim() > 1:
+        model_in_dim = patch.tensor.shape[1]
         if model_in_dim != file_in_dim:
             raise WeightsError(
                 f"{where} has vace_in_dim {file_in_dim} but the model's {PATCH_EMBEDDING_KEY} takes {model_in_dim}",
@@ -242,6 +300,11 @@ def load_vace_weights(
             f"{len(model_blocks)}",
         )
 
+
+def _plan(
+    slots: dict[str, _Slot], chosen: dict[str, TensorEntry], files: Sequence[str]
+) -> list[tuple[_Slot, str, TensorEntry]]:
+    """Pair every model slot with its file entry; all key and shape problems in one error."""
     plan: list[tuple[_Slot, str, TensorEntry]] = []
     seen: set[int] = set()
     missing: list[str] = []
@@ -256,7 +319,8 @@ def load_vace_weights(
             continue
         if len(present) > 1:
             raise WeightsError(
-                f"{where} stores the aliased parameter {slot.keys[0]!r} under several names ({', '.join(present)})",
+                f"{', '.join(files)} stores the aliased parameter {slot.keys[0]!r} under several names "
+                f"({', '.join(present)})",
                 "keep one name per tensor in the checkpoint",
             )
         entry = chosen[present[0]]
@@ -267,63 +331,76 @@ def load_vace_weights(
     unexpected = sorted(k for k in chosen if k not in slots)
     if missing or unexpected or shapes:
         raise _fit_error(missing, unexpected, shapes, files)
+    return plan
 
-    file_dtypes: Counter[str] = Counter()
-    target_dtypes: Counter[str] = Counter()
-    devices: Counter[str] = Counter()
-    with open_tensors({e.file for _, _, e in plan}) as handles:
-        values: list[torch.Tensor] = []
-        for slot, key, entry in plan:
-            t = read_tensor(handles, entry)
-            _check_values(key, entry, t, slot.tensor.dtype)
-            if key == PATCH_EMBEDDING_KEY and not bool(t.any()):
-                raise WeightsError(
-                    f"{entry.file}: {entry.name!r} is all zeros, so the VACE context would be ignored",
-                    "this is an untrained or zero-initialised checkpoint; load the released VACE weights",
-                )
-            values.append(t)
 
-        shared = converted = copied = 0
-        done: list[tuple[_Slot, dict[tuple[int, str], torch.Tensor]]] = []
-        try:
-            for (slot, _, entry), t in zip(plan, values):
-                dtype, device = slot.tensor.dtype, slot.target_device
-                if t.dtype == dtype and device.type == "cpu":
-                    if mmap:
-                        value, shared = t, shared + 1
-                    else:
-                        value, copied = t.clone(), copied + 1
-                else:
-                    value, converted = t.to(device=device, dtype=dtype), converted + 1
-                before = {
-                    (id(o), a): (o._parameters if slot.is_param else o._buffers)[a] for o, a in slot.owners
-                }
-                done.append((slot, before))
-                _assign(slot, value)
-                file_dtypes[_dtype_name(t.dtype)] += 1
-                target_dtypes[_dtype_name(dtype)] += 1
-                devices[str(device)] += 1
-        except BaseException:
-            # Undo in reverse so the module is exactly as before (same tensor objects).
-            for slot, before in reversed(done):
-                for owner, attr in slot.owners:
-                    (owner._parameters if slot.is_param else owner._buffers)[attr] = before[(id(owner), attr)]
-            raise
+def _read_checked(handles: Mapping[Path, object], key: str, entry: TensorEntry, slot: _Slot) -> torch.Tensor:
+    """Read one mapped tensor and run the value checks on it (no copy)."""
+    t = read_tensor(handles, entry)
+    _check_values(key, entry, t, slot.tensor.dtype)
+    if key == PATCH_EMBEDDING_KEY and not bool(t.any()):
+        raise WeightsError(
+            f"{entry.file}: {entry.name!r} is all zeros, so the VACE context would be ignored",
+            "this is an untrained or zero-initialised checkpoint; load the released VACE weights",
+        )
+    return t
 
-    return LoadReport(
-        files=tuple(files),
-        tensors=len(plan),
-        file_dtypes=dict(file_dtypes),
-        target_dtypes=dict(target_dtypes),
-        bytes_read=sum(e.nbytes for _, _, e in plan),
-        seconds=time.perf_counter() - start,
-        vace_in_dim=file_in_dim,
-        blocks=len(file_blocks),
-        ignored=selection.dropped,
-        shared=shared,
-        converted=converted,
-        copied=copied,
-        key_map_rules=len(key_map or ()),
-        devices=dict(devices),
-    )
 
+@dataclass
+class _Counts:
+    shared: int = 0
+    converted: int = 0
+    copied: int = 0
+    file_dtypes: Counter[str] = field(default_factory=Counter)
+    target_dtypes: Counter[str] = field(default_factory=Counter)
+    devices: Counter[str] = field(default_factory=Counter)
+
+
+def _commit(
+    plan: list[tuple[_Slot, str, TensorEntry]], values: list[torch.Tensor], mmap: bool, counts: _Counts
+) -> None:
+    """Put the checked tensors into the module.
+
+    Assign-style where dtype and device allow (the parameter becomes the mapped file
+    tensor: no copy), and for meta parameters (nothing to copy into). Everything else is
+    copied into the existing storage, converting dtype/device in the copy kernel: on a
+    735M-parameter bf16 file into a float32 model that was several times faster than
+    building new converted tensors, and it needs no second model-sized allocation.
+    """
+    assigns: list[tuple[_Slot, torch.Tensor]] = []
+    copies: list[tuple[_Slot, torch.Tensor]] = []
+    for (slot, _, _), t in zip(plan, values):
+        dtype, device = slot.tensor.dtype, slot.target_device
+        same = t.dtype == dtype and device.type == "cpu"
+        if slot.tensor.device.type == "meta":
+            assigns.append((slot, t.clone() if same and not mmap else t.to(device=device, dtype=dtype)))
+        elif same and mmap:
+            assigns.append((slot, t))
+        else:
+            copies.append((slot, t))
+        if same and mmap:
+            counts.shared += 1
+        elif same:
+            counts.copied += 1
+        else:
+            counts.converted += 1
+        counts.file_dtypes[_dtype_name(t.dtype)] += 1
+        counts.target_dtypes[_dtype_name(dtype)] += 1
+        counts.devices[str(device)] += 1
+
+    done: list[tuple[_Slot, list[torch.Tensor]]] = []
+    try:
+        for slot, value in assigns:
+            done.append((slot, [(o._parameters if slot.is_param else o._buffers)[a] for o, a in slot.owners]))
+            _assign(slot, value)
+        with torch.no_grad():
+            for slot, t in copies:
+                _copy_into(slot, t)
+    except BaseException:
+        # Every check has passed by now, so only an interrupt or a device fault lands here;
+        # undo the assignments (same tensor objects as before). In-place copies already
+        # made cannot be undone without a backup of the whole model.
+        for slot, before in reversed(done):
+            for (owner, attr), old in zip(slot.owners, before):
+                (owner._parameters if slot.is_param else owner._buffers)[attr] = old
+        raise
