@@ -451,7 +451,7 @@ class CausalVaceWanModel(nn.Module):
         seq_lens = torch.tensor([u.size(1) for u in x], dtype=torch.long)
         assert seq_lens.max() <= seq_len
         x = torch.cat(x)
-        sinusoidal = _base_helper(model, "sinusoidal_embedding_1d", _sinusoidal_embedding_1d)
+        sinusoidal = lambda d, p: _sinusoidal_embedding_1d(d, p).float()
         e = model.time_embedding(sinusoidal(model.freq_dim, t.flatten()).type_as(x))
         e0 = model.time_projection(e).unflatten(1, (6, model.dim)).unflatten(0, t.shape)
         context_lens = None

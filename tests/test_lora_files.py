@@ -47,6 +47,14 @@ class Grafted(nn.Module):
         self.vace_blocks = nn.ModuleList(Block(True) for _ in VACE_LAYERS)
         self.head = nn.Linear(DIM, DIM)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Touches every Linear, so a traced GraphModule keeps them all.
+        for block in [*self.blocks, *self.vace_blocks]:
+            for m in block.modules():
+                if isinstance(m, nn.Linear):
+                    x = x + m(x.mean(-1, keepdim=True).repeat(1, m.in_features)).mean(-1, keepdim=True)
+        return self.head(x)
+
 
 TARGETS = {  # native target -> (rank, alpha or None)
     "blocks.0.self_attn.q": (4, 8.0),
@@ -289,8 +297,17 @@ def test_module_targeted_targets_are_main_block_linears_only():
     assert module_targeted_targets(model) == targets
 
 
+def test_module_targeted_targets_on_a_traced_graph_module():
+    model = Grafted()
+    gm = torch.fx.symbolic_trace(model)
+    assert not isinstance(gm.get_submodule("blocks"), nn.ModuleList)  # fx rebuilds plain containers
+    assert module_targeted_targets(gm) == module_targeted_targets(model)
+    x = torch.randn(2, DIM)
+    assert torch.equal(gm(x), model(x))
+
+
 def test_module_targeted_targets_errors():
-    with pytest.raises(MatchError, match="no 'blocks' ModuleList"):
+    with pytest.raises(MatchError, match="no 'blocks' list"):
         module_targeted_targets(nn.Sequential(nn.Linear(2, 2)))
     holder = nn.Module()
     holder.blocks = nn.ModuleList([nn.LayerNorm(3)])

@@ -7,6 +7,7 @@ A pipeline whose stand-in is not importable fails with a message naming it.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from examples import PIPELINE_MODULES, PIPELINES
-from examples.driver import call_diffs, compare, example_call, run_stream
+from examples.driver import _value_diff, call_diffs, compare, example_call, run_stream, snapshot_caches
 from examples.reference import (
     REFERENCE_KEY_MAP,
     CausalVaceWanModel,
@@ -38,6 +39,15 @@ STREAMS = {"krea_realtime_video": dict(STREAM, frames_per_chunk=2, local_attn_si
 def _stream(pipeline) -> dict:
     return STREAMS.get(pipeline.name, STREAM)
 LAYERS = [0, 2]  # the default for the 4-layer tiny model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation (and spin badly on busy machines)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _pipeline(name: str):
@@ -114,6 +124,36 @@ def test_zero_init_is_identity_for_any_context(pipeline, base_records):
     assert not any(p.any() for n, p in ref.vace_blocks.named_parameters() if "_proj" in n)
     record = run_stream(ref, pipeline, vace_context=_contexts(pipeline), **_stream(pipeline))
     _assert_exact(record, base_records(pipeline.name))
+
+
+def test_zeroed_projections_silence_a_trained_branch(pipeline, base_records):
+    ref = _reference(pipeline, weights_seed=1)
+    with torch.no_grad():
+        for name, param in ref.vace_blocks.named_parameters():
+            if "before_proj" in name or "after_proj" in name:
+                param.zero_()
+    record = run_stream(ref, pipeline, vace_context=_contexts(pipeline), **_stream(pipeline))
+    _assert_exact(record, base_records(pipeline.name))
+
+
+def test_batch_of_two(pipeline):
+    """Two samples with their own contexts: zero-init identity, and per-sample hints."""
+    base, ref = _base(pipeline), _reference(pipeline)
+    contexts = torch.randn(2, 96, 3, 4, 4, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        args, kwargs = example_call(base, pipeline, frames=3, batch_size=2)
+        expected = base(*args, **kwargs)
+        args, kwargs = example_call(ref, pipeline, frames=3, batch_size=2, vace_context=contexts)
+        assert torch.equal(ref(*args, **kwargs), expected)
+
+        # Changing sample 1's context changes only sample 1's output.
+        load_vace_state_dict(ref, random_vace_state_dict(ref, seed=1))
+        outputs = []
+        for second in (contexts[1], torch.zeros_like(contexts[1])):
+            args, kwargs = example_call(ref, pipeline, frames=3, batch_size=2, vace_context=[contexts[0], second])
+            outputs.append(ref(*args, **kwargs))
+        assert torch.equal(outputs[0][0], outputs[1][0])
+        assert not torch.equal(outputs[0][1], outputs[1][1])
 
 
 # ---- (c) trained weights change the output ----------------------------------------------------
@@ -258,6 +298,63 @@ def test_krea_keeps_fused_projections():
             block.self_attn.q.weight.zero_()
         args, kwargs = example_call(ref, pipeline)
         assert torch.equal(ref(*args, **kwargs), before)
+
+
+def _krea_hook_stream(model, pipeline, contexts=None, chunks=3, frames=3, steps=(1000, 500)):
+    """Krea's own chunk loop: KV recompute (block_mask path, no vace_context), then denoising."""
+    caches = pipeline.setup(model, 32, 32)
+    gen = torch.Generator().manual_seed(0)
+    context = torch.randn(1, model.text_len // 2, model.text_dim, generator=gen)
+    history, records = [], []
+    for chunk in range(chunks):
+        start = pipeline.before_chunk(model, caches, chunk=chunk, frames=frames, height=32, width=32,
+                                      context=context, history=history)
+        records.append((None, snapshot_caches(caches)))
+        for step in steps:
+            kwargs = dict(t=torch.full((1, frames), step, dtype=torch.int64), context=context, seq_len=32760,
+                          kv_cache=caches["kv_cache"], crossattn_cache=caches["crossattn_cache"],
+                          current_start=start * 4, cache_start=None,
+                          kv_cache_attention_bias=pipeline.config.kv_cache_attention_bias)
+            if contexts is not None:
+                kwargs["vace_context"] = contexts(chunk)
+            with torch.no_grad():
+                out = model(torch.randn(1, 16, frames, 4, 4, generator=gen), **kwargs)
+            records.append((out, snapshot_caches(caches)))
+        history.append(out)
+    return records
+
+
+def test_krea_recompute_loop():
+    """Krea's KV recompute (block_mask set on the base model, no context) under the wrapper."""
+    pipeline = _pipeline("krea_realtime_video")
+    contexts = _contexts(_pipeline("longlive"))  # 3-frame contexts
+    base = _krea_hook_stream(_base(pipeline), pipeline)
+    runs = [_krea_hook_stream(_reference(pipeline, weights_seed=1), pipeline),
+            _krea_hook_stream(_reference(pipeline), pipeline, contexts)]
+    for run in runs:
+        for (out_a, caches_a), (out_b, caches_b) in zip(run, base):
+            assert out_a is None or torch.equal(out_a, out_b)
+            assert _value_diff(caches_a, caches_b) == 0.0
+    trained = _krea_hook_stream(_reference(pipeline, weights_seed=1), pipeline, contexts)
+    assert all(not torch.equal(a, b) for (a, _), (b, _) in zip(trained, base) if a is not None)
+
+
+def test_memflow_bank_compression_stream():
+    """MemFlow with a bank slot every chunk and a 2-frame bank: the pre-pass compresses by chunk 3."""
+    pipeline = _pipeline("memflow")
+    config = dataclasses.replace(pipeline.config, record_interval=1, bank_size=2,
+                                 model_kwargs={**pipeline.config.model_kwargs, "record_interval": 1, "bank_size": 2})
+    pipeline = dataclasses.replace(pipeline, config=config)
+    stream = dict(STREAM, chunks=4)
+    compressions = []
+    base_model = _base(pipeline)
+    original = base_model.compress_kv_bank
+    base_model.compress_kv_bank = lambda *a, **k: compressions.append(1) or original(*a, **k)
+    base = run_stream(base_model, pipeline, **stream)
+    assert compressions
+    _assert_exact(run_stream(_reference(pipeline, weights_seed=1), pipeline, **stream), base)
+    contexts = [torch.randn(1, 96, 3, 4, 4, generator=torch.Generator().manual_seed(c)) for c in range(4)]
+    _assert_exact(run_stream(_reference(pipeline), pipeline, vace_context=lambda c: contexts[c], **stream), base)
 
 
 class _Counter:

@@ -7,13 +7,22 @@ the adapters or leave grafted blocks without weights.
 """
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
 from surgery.errors import OrderError
 
 
+def peft_imported() -> bool:
+    """Whether peft is loaded; if not, no model can hold PEFT objects (and importing it costs seconds)."""
+    return "peft" in sys.modules
+
+
 def peft_layer_names(model: nn.Module) -> list[str]:
     """Qualified names of the PEFT tuner layers inside ``model`` (empty if none)."""
+    if not peft_imported():
+        return []
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
@@ -24,6 +33,8 @@ def check_order(model: nn.Module) -> None:
 
     Call it before any surgery; LoRA belongs last: Base -> VACE -> LoRA.
     """
+    if not peft_imported():
+        return
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTuner
 

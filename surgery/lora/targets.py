@@ -4,28 +4,44 @@ Upstream selects every ``nn.Linear`` inside modules whose *class name* is one of
 main attention-block classes, which skips the VACE blocks only because their class has
 another name. Here the same set is found structurally: the children of the ``blocks``
 ``ModuleList`` are the main attention blocks, and ``vace_blocks`` is a different list.
+(In an fx ``GraphModule`` the same path is a plain container of ``"0"``, ``"1"``, ...;
+it is accepted too.)
 """
 from __future__ import annotations
 
 from torch import nn
 
 from surgery.errors import MatchError
+from surgery.lora.order import peft_imported
 
 BLOCKS_NAME = "blocks"
 
 
-def _main_block_lists(module: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    found = []
-    for name, child in module.named_modules():  # de-duplicates aliases: first name wins
-        parts = name.split(".")
-        if (
-            isinstance(child, nn.ModuleList)
-            and parts[-1] == BLOCKS_NAME
-            and not any(p.startswith("vace_") for p in parts)
-        ):
-            found.append((name, child))
+def _is_block_list(name: str, child: nn.Module) -> bool:
+    """A container named ``blocks`` whose children are indexed ``0..n-1``.
+
+    Usually an ``nn.ModuleList``; after ``torch.fx`` tracing the same path is a plain
+    ``nn.Module`` holding ``"0"``, ``"1"``, ... so the structure, not the type, decides.
+    """
+    parts = name.split(".")
+    if parts[-1] != BLOCKS_NAME or any(p.startswith("vace_") for p in parts):
+        return False
+    names = [n for n, _ in child.named_children()]
+    return bool(names) and sorted(names, key=lambda n: (len(n), n)) == [str(i) for i in range(len(names))]
+
+
+def _main_block_lists(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    found = [(n, c) for n, c in module.named_modules() if _is_block_list(n, c)]  # aliases de-duplicated
     # A nested "blocks" list inside a main block would be found again under it; keep the outermost.
     return [(n, c) for n, c in found if not any(n.startswith(o + ".") for o, _ in found if o != n)]
+
+
+def _is_tuner_layer(module: nn.Module) -> bool:
+    if not peft_imported():
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(module, BaseTunerLayer)
 
 
 def module_targeted_targets(module: nn.Module) -> list[str]:
@@ -37,17 +53,16 @@ def module_targeted_targets(module: nn.Module) -> list[str]:
     Raises:
         MatchError: the module has no ``blocks`` ModuleList, or its blocks hold no Linear.
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     lists = _main_block_lists(module)
     if not lists:
         raise MatchError(
-            f"{type(module).__name__} has no 'blocks' ModuleList, so the main attention blocks cannot be found",
+            f"{type(module).__name__} has no 'blocks' list (children 0..n-1), so the main attention blocks "
+            "cannot be found",
             "pass the transformer whose main blocks live in a ModuleList named 'blocks'",
         )
     targets: list[str] = []
     for list_name, blocks in lists:
-        for index, block in enumerate(blocks):
+        for index, block in blocks.named_children():
             prefix = f"{list_name}.{index}"
             skip: list[str] = []
             for sub_name, sub in block.named_modules():
@@ -55,7 +70,7 @@ def module_targeted_targets(module: nn.Module) -> list[str]:
                 # .base_layer and lora_A/lora_B Linears are not.
                 if any(sub_name.startswith(s + ".") for s in skip):
                     continue
-                wrapped = isinstance(sub, BaseTunerLayer)
+                wrapped = _is_tuner_layer(sub)
                 if wrapped:
                     skip.append(sub_name)
                 if isinstance(sub.get_base_layer() if wrapped else sub, nn.Linear):

@@ -220,6 +220,7 @@ class ExampleTracer(fx.Tracer):
         self._leaf_stack: list[str] = []
         self._created: list[fx.Node] = []
         self._templates: dict[tuple, Template] = {}
+        self._object_attrs: dict[int, str] = {}
 
     # ----- proxies -----------------------------------------------------------------
     def proxy(self, node: fx.Node) -> ConcreteProxy:
@@ -454,6 +455,14 @@ class ExampleTracer(fx.Tracer):
                 self.leaf_calls.setdefault(retarget(leaf), []).extend(retarget(u) for u in used)
         return call.output
 
+    def create_arg(self, a: Any) -> Any:
+        # Objects held as plain module attributes (a block mask, a config) are read live by
+        # the generated code instead of being frozen into the graph.
+        path = self._object_attrs.get(id(a)) if not isinstance(a, (bool, int, float, str, type(None))) else None
+        if path is not None and not isinstance(a, (torch.Tensor, nn.Module)):
+            return self.create_node("get_attr", path, (), {})
+        return super().create_arg(a)
+
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         if self._concrete_depth or not isinstance(attr_val, torch.Tensor):
             return attr_val
@@ -479,6 +488,7 @@ class ExampleTracer(fx.Tracer):
         self._param_names.update({id(b): n for n, b in root.named_buffers(remove_duplicate=False)})
         self.tensor_attrs = {}
         _collect_tensor_attrs(root, [], self.tensor_attrs)
+        self._object_attrs = _collect_object_attrs(root)
         root_proxy = self.create_proxy("placeholder", "root", (), {})
         root_proxy.concrete = root
         proxies = {name: (self.input_proxy(name, value) if value is not None else None)
@@ -677,6 +687,17 @@ def _collect_tensor_attrs(module: nn.Module, prefix: list[str], out: dict) -> No
             out[value] = ".".join(prefix + [key])
     for key, child in module.named_children():
         _collect_tensor_attrs(child, prefix + [key], out)
+
+
+def _collect_object_attrs(root: nn.Module) -> dict[int, str]:
+    found: dict[int, str] = {}
+    for qualname, module in root.named_modules():
+        for key, value in vars(module).items():
+            if key.startswith("_") or isinstance(value, (bool, int, float, str, type(None), tuple, list, dict,
+                                                         torch.Tensor, torch.dtype, torch.device)):
+                continue
+            found.setdefault(id(value), f"{qualname}.{key}" if qualname else key)
+    return found
 
 
 def _last_node(graph: fx.Graph) -> fx.Node | None:
