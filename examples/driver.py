@@ -6,10 +6,25 @@ spec 8.3-8.4. Every call passes exactly the keyword set the generator's signatur
 lets through for the pipeline (``PipelineSpec.call_keywords``), plus ``vace_context`` and
 ``vace_context_scale`` when a VACE context is given. The record keeps every output and a
 snapshot of every cache after every call, so two models can be compared call by call.
+
+A pipeline whose chunk loop differs (Krea recomputes its KV cache before each chunk instead
+of committing after it) describes the difference with optional attributes of its spec; the
+driver looks them up by name and has no per-pipeline code:
+
+* ``commits_cache`` (bool, default True): run the commit pass after the denoising steps.
+* ``before_chunk(model, caches, *, chunk, frames, height, width, context, history, seq_len,
+  call) -> int``: run the pipeline's stages before the chunk's denoising and return the start
+  frame of its denoising calls (default ``chunk * frames``). ``history`` holds the previous
+  chunks' final denoising outputs in model layout [B, C, F, H, W]. Every model call the hook
+  makes goes through ``call(kind, x, **kwargs)`` (a :data:`ModelCall`), which runs the model
+  without gradients and records the call (output and cache snapshot) under ``kind``.
+* ``chunk_start_frame(current_start_frame) -> int``: the same start frame without running
+  anything (used by :func:`example_call`, which has no history).
 """
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
@@ -19,9 +34,20 @@ import torch.nn as nn
 
 from examples.wan.pipeline import PipelineSpec, frame_seq_length
 
-__all__ = ["CallRecord", "StreamRecord", "call_diffs", "compare", "example_call", "run_stream", "snapshot_caches"]
+__all__ = [
+    "CallRecord",
+    "ModelCall",
+    "StreamRecord",
+    "call_diffs",
+    "compare",
+    "example_call",
+    "run_stream",
+    "snapshot_caches",
+]
 
 VaceContext = Union[torch.Tensor, Sequence[torch.Tensor], Callable[[int], Any], None]
+# ``call(kind, x, **kwargs) -> output``: how a chunk hook makes (and the driver records) a model call.
+ModelCall = Callable[..., torch.Tensor]
 
 # Tiny-model geometry: 32x32 pixels -> 4x4 latents -> 2x2 tokens per frame.
 DEFAULT_HEIGHT = 32
@@ -33,8 +59,8 @@ class CallRecord:
     """One model call: where it sat in the stream, its output and the caches after it."""
 
     chunk: int
-    step: int  # denoising step index; -1 for the cache-commit pass
-    kind: str  # "denoise" or "commit"
+    step: int  # denoising step index; -1 for every other pass
+    kind: str  # "denoise", "commit", or a chunk hook's kind such as "recompute"
     current_start: int
     output: torch.Tensor
     caches: Optional[dict[str, Any]]
@@ -177,6 +203,12 @@ def _context(model: nn.Module, batch_size: int, generator: torch.Generator, devi
     return _randn([batch_size, tokens, model.text_dim], generator, device, dtype)
 
 
+def _chunk_start_frame(pipeline: PipelineSpec, chunk: int, frames: int) -> int:
+    """The denoising start frame of ``chunk`` without running anything (``chunk_start_frame`` hook)."""
+    hook = getattr(pipeline, "chunk_start_frame", None)
+    return chunk * frames if hook is None else int(hook(chunk * frames))
+
+
 def run_stream(
     model: nn.Module,
     pipeline: PipelineSpec,
@@ -198,15 +230,20 @@ def run_stream(
 
     ``height``/``width`` are pixel sizes (latents are /8, tokens /16). ``steps`` defaults
     to the pipeline's denoising list; ``frames_per_chunk`` to its ``num_frame_per_block``.
-    ``vace_context`` is a tensor (or list) used for every chunk, or ``callable(chunk)``.
+    ``vace_context`` is a tensor (or list) used for every chunk, or ``callable(chunk)``; it
+    reaches the denoising calls only (commit and hook passes run without it, spec 8.4, 7).
     ``caches``: reuse these instead of fresh ones (the setup mutations still run).
     With ``snapshot=False`` cache snapshots are skipped (``CallRecord.caches`` is None).
+    The spec's optional chunk hooks (module docstring) shape the loop; their model calls are
+    recorded like the others.
     """
     cfg = pipeline.config
     frames = cfg.num_frame_per_block if frames_per_chunk is None else frames_per_chunk
     step_values = tuple(cfg.steps if steps is None else steps)
     las = cfg.local_attn_size if local_attn_size is None else local_attn_size
     device, dtype = _model_device_dtype(model)
+    before_chunk = getattr(pipeline, "before_chunk", None)
+    commits_cache = bool(getattr(pipeline, "commits_cache", True))
 
     if caches is None:
         caches = pipeline.setup(model, height, width, las, batch_size=batch_size)
@@ -219,16 +256,27 @@ def run_stream(
     context = _context(model, batch_size, generator, device, dtype)
     latent_shape = [batch_size, model.in_dim, frames, height // 8, width // 8]
     record = StreamRecord(pipeline.name, fs, frames, las, caches=caches)
+    history: list[torch.Tensor] = []  # each chunk's final denoising output, model layout
 
-    def call(x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def call(chunk: int, step: int, kind: str, start: int, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         with torch.no_grad():
-            return model(x, **kwargs)
+            output = model(x, **kwargs)
+        record.calls.append(CallRecord(chunk, step, kind, start, output.detach().clone(),
+                                       snapshot_caches(caches) if snapshot else None))
+        return output
 
     for chunk in range(chunks):
-        start_frame = chunk * frames
+        chunk_vace = vace_context(chunk) if callable(vace_context) else vace_context
+        if before_chunk is None:
+            start_frame = chunk * frames
+        else:
+            hook_call = functools.partial(_hook_call, call, chunk)
+            start_frame = int(before_chunk(
+                model, caches, chunk=chunk, frames=frames, height=height, width=width,
+                context=context, history=tuple(history), seq_len=seq_len, call=hook_call,
+            ))
         current_start = start_frame * fs
         current_end = (start_frame + frames) * fs
-        chunk_vace = vace_context(chunk) if callable(vace_context) else vace_context
 
         denoised = None
         for step_index, step_value in enumerate(step_values):
@@ -241,23 +289,30 @@ def run_stream(
                 kv_cache_attention_bias=cfg.kv_cache_attention_bias,
                 vace_context=chunk_vace, vace_context_scale=vace_context_scale,
             )
-            denoised = call(noisy, **kwargs)
-            record.calls.append(CallRecord(chunk, step_index, "denoise", current_start, denoised.detach().clone(),
-                                           snapshot_caches(caches) if snapshot else None))
+            denoised = call(chunk, step_index, "denoise", current_start, noisy, **kwargs)
 
-        # CleanKVCacheBlock: re-run the denoised latent at timestep 0 to commit the cache.
-        clean = denoised if denoised is not None else _randn(latent_shape, generator, device, dtype)
-        update_bank = cfg.record_interval is not None and start_frame % (3 * cfg.record_interval) == 0
-        kwargs = _generator_kwargs(
-            pipeline, caches, t=torch.zeros([batch_size, frames], device=device), context=context,
-            seq_len=seq_len, current_start=current_start, current_end=current_end,
-            update_bank=update_bank, q_bank=False, update_cache=True,
-            kv_cache_attention_bias=1.0, vace_context=None, vace_context_scale=vace_context_scale,
-        )
-        output = call(clean, **kwargs)
-        record.calls.append(CallRecord(chunk, -1, "commit", current_start, output.detach().clone(),
-                                       snapshot_caches(caches) if snapshot else None))
+        if commits_cache:
+            # CleanKVCacheBlock: re-run the denoised latent at timestep 0 to commit the cache.
+            clean = denoised if denoised is not None else _randn(latent_shape, generator, device, dtype)
+            update_bank = cfg.record_interval is not None and start_frame % (3 * cfg.record_interval) == 0
+            kwargs = _generator_kwargs(
+                pipeline, caches, t=torch.zeros([batch_size, frames], device=device), context=context,
+                seq_len=seq_len, current_start=current_start, current_end=current_end,
+                update_bank=update_bank, q_bank=False, update_cache=True,
+                kv_cache_attention_bias=1.0, vace_context=None, vace_context_scale=vace_context_scale,
+            )
+            call(chunk, -1, "commit", current_start, clean, **kwargs)
+        if denoised is not None:
+            history.append(denoised)
     return record
+
+
+def _hook_call(call: Callable[..., torch.Tensor], chunk: int, kind: str, x: torch.Tensor,
+               **kwargs: Any) -> torch.Tensor:
+    """The :data:`ModelCall` handed to ``before_chunk``: a recorded pass of ``kind`` (step -1)."""
+    if kind in ("denoise", "commit"):
+        raise ValueError(f"a chunk hook's call kind must differ from the driver's own, got {kind!r}")
+    return call(chunk, -1, kind, int(kwargs.get("current_start", 0)), x, **kwargs)
 
 
 def example_call(
@@ -278,7 +333,8 @@ def example_call(
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """``(args, kwargs)`` for one first-step denoising call with caches, as the generator makes it.
 
-    Runs the pipeline's setup mutations on ``model``. Tensors follow the model's device
+    ``chunk_index`` places the call in the stream (``current_start``, through the spec's
+    ``chunk_start_frame`` hook when it has one). Runs the pipeline's setup mutations on ``model``. Tensors follow the model's device
     and dtype; on ``meta`` the cache index tensors stay real CPU tensors.
     """
     cfg = pipeline.config
@@ -295,7 +351,8 @@ def example_call(
     x = _randn([batch_size, model.in_dim, frames, height // 8, width // 8], generator, device, dtype)
     step = cfg.steps[0] if step_value is None else step_value
     t = torch.ones([batch_size, frames], dtype=torch.int64, device=device) * step
-    current_start = chunk_index * frames * fs
+    # Pipelines with a chunk hook (Krea) denoise at their own start frame, not chunk * frames.
+    current_start = _chunk_start_frame(pipeline, chunk_index, frames) * fs
     kwargs = _generator_kwargs(
         pipeline, caches, t=t, context=context, seq_len=pipeline.generator_seq_len(height, width, las),
         current_start=current_start, current_end=current_start + frames * fs,

@@ -18,7 +18,7 @@ import functools
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -602,6 +602,16 @@ def _fuse_all_projections(model: nn.Module) -> None:
         block.self_attn.fuse_projections()
 
 
+def _plain_call(model: nn.Module) -> Callable[..., torch.Tensor]:
+    """A ``call(kind, x, **kwargs)`` that just runs ``model`` without gradients."""
+
+    def call(kind: str, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x, **kwargs)
+
+    return call
+
+
 def _block_mask_model(model: nn.Module) -> nn.Module:
     """The object whose ``block_mask`` the blocks read (the base model under a VACE wrapper)."""
     owner = getattr(model, "causal_wan_model", None)
@@ -662,8 +672,15 @@ class KreaPipelineSpec(PipelineSpec):
         height: int,
         width: int,
         seq_len: int = GENERATOR_SEQ_LEN,
-    ) -> None:
-        """``RecomputeKVCacheBlock`` for a chunk after the first: refill ``caches["kv_cache"]``."""
+        call: Optional[Callable[..., torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """``RecomputeKVCacheBlock`` for a chunk after the first: refill ``caches["kv_cache"]``.
+
+        The model runs through ``call("recompute", x, **kwargs)`` (the driver's recording
+        :data:`examples.driver.ModelCall`; default: a plain call without gradients) while
+        ``block_mask`` is set on the model that owns it. Returns the call's output.
+        """
+        call = _plain_call(model) if call is None else call
         fs = frame_seq_length(height, width)
         start_frame = self.chunk_start_frame(current_start_frame)
         num_context_frames = context_frames.shape[2]
@@ -694,8 +711,7 @@ class KreaPipelineSpec(PipelineSpec):
                 cache_start=None,
                 kv_cache_attention_bias=KV_CACHE_ATTENTION_BIAS_DISABLED,
             )
-            with torch.no_grad():
-                model(context_frames, **{name: full[name] for name in self.call_keywords})
+            return call("recompute", context_frames, **{name: full[name] for name in self.call_keywords})
         finally:
             owner.block_mask = None
 
@@ -711,14 +727,18 @@ class KreaPipelineSpec(PipelineSpec):
         context: torch.Tensor,
         history: Sequence[torch.Tensor],
         seq_len: int = GENERATOR_SEQ_LEN,
+        call: Optional[Callable[..., torch.Tensor]] = None,
     ) -> int:
-        """Driver hook: run the recompute for ``chunk`` and return the denoising start frame."""
+        """Driver hook: run the recompute for ``chunk`` and return the denoising start frame.
+
+        ``call`` makes the recompute's model call (see :meth:`recompute_kv_cache`).
+        """
         current_start_frame = chunk * frames
         if current_start_frame > 0:
             context_frames = self.context_frames(history)
             self.recompute_kv_cache(
                 model, caches, context_frames, context,
-                current_start_frame=current_start_frame, height=height, width=width, seq_len=seq_len,
+                current_start_frame=current_start_frame, height=height, width=width, seq_len=seq_len, call=call,
             )
         return self.chunk_start_frame(current_start_frame)
 

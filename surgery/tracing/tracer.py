@@ -341,7 +341,7 @@ class ExampleTracer(fx.Tracer):
         deps = proxy.deps
         self.deps |= deps
         kind = "input" if any(d[2] == "value" for d in deps) else (
-            "state" if any(d[0] == "param" for d in deps) else "shape")
+            "shape" if any(d[0] == "input" for d in deps) else "state")
         shown = value if not isinstance(value, (list, tuple)) or len(value) <= 8 else f"{type(value).__name__}[{len(value)}]"
         self.notes.append(Guard(kind, line or how, repr(shown), where))
         return value
