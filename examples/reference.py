@@ -451,7 +451,7 @@ class CausalVaceWanModel(nn.Module):
         seq_lens = torch.tensor([u.size(1) for u in x], dtype=torch.long)
         assert seq_lens.max() <= seq_len
         x = torch.cat(x)
-        sinusoidal = _base_helper(model, "sinusoidal_embedding_1d", _sinusoidal_embedding_1d)
+        sinusoidal = lambda d, p: _sinusoidal_embedding_1d(d, p).float()
         e = model.time_embedding(sinusoidal(model.freq_dim, t.flatten()).type_as(x))
         e0 = model.time_projection(e).unflatten(1, (6, model.dim)).unflatten(0, t.shape)
         context_lens = None
@@ -521,7 +521,7 @@ class CausalVaceWanModel(nn.Module):
         # Bank pre-pass (MemFlow's q_bank step), before any block runs, as in the base model.
         pre_pass = getattr(model, "_apply_cache_updates_before", None)
         kv_bank = call_kwargs.get("kv_bank")
-        if False:
+        if pre_pass is not None and kv_bank is not None and call_kwargs.get("q_bank"):
             frame_seqlen = math.prod(grid_sizes[0][1:]).item()
             pre_pass(kv_bank, crossattn_cache, frame_seqlen)
 
