@@ -333,9 +333,11 @@ def example_call(
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """``(args, kwargs)`` for one first-step denoising call with caches, as the generator makes it.
 
-    ``chunk_index`` places the call in the stream (``current_start``, through the spec's
-    ``chunk_start_frame`` hook when it has one). Runs the pipeline's setup mutations on ``model``. Tensors follow the model's device
-    and dtype; on ``meta`` the cache index tensors stay real CPU tensors.
+    ``chunk_index`` places the call in the stream: ``current_start`` comes from the spec's
+    ``chunk_start_frame`` hook when it has one (Krea), else ``chunk_index * frames``. No chunk
+    hook runs here: pass ``caches`` from a stream to get the cache state that goes with it.
+    Runs the pipeline's setup mutations on ``model``. Tensors follow the model's device and
+    dtype; on ``meta`` the cache index tensors stay real CPU tensors.
     """
     cfg = pipeline.config
     frames = cfg.num_frame_per_block if frames is None else frames

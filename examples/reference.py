@@ -224,7 +224,7 @@ def _adopt(new: nn.Module, old: nn.Module) -> None:
     ``self_attn.to_qkv`` and ``fused_projections``, survive because whole children are reused.
     """
     for key, value in old.__dict__.items():
-        if key in _NOT_CARRIED:
+        if key in _NOT_CARRIED or key == 'fused_projections':
             continue
         # Containers are per-module state: give the new block its own copy.
         new.__dict__[key] = copy.copy(value) if isinstance(value, (dict, set)) else value
@@ -451,7 +451,7 @@ class CausalVaceWanModel(nn.Module):
         seq_lens = torch.tensor([u.size(1) for u in x], dtype=torch.long)
         assert seq_lens.max() <= seq_len
         x = torch.cat(x)
-        sinusoidal = lambda d, p: _sinusoidal_embedding_1d(d, p).float()
+        sinusoidal = _base_helper(model, "sinusoidal_embedding_1d", _sinusoidal_embedding_1d)
         e = model.time_embedding(sinusoidal(model.freq_dim, t.flatten()).type_as(x))
         e0 = model.time_projection(e).unflatten(1, (6, model.dim)).unflatten(0, t.shape)
         context_lens = None

@@ -10,6 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from .rewriting.specialise import Specialisation, call_signature, specialise
@@ -90,6 +91,19 @@ class RewrittenModel(nn.Module):
     @property
     def surgery_state(self) -> SurgeryState:
         return self.__dict__["_surgery"]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "RewrittenModel":
+        # Plain tensor attributes (a RoPE table kept out of the state_dict so .to(dtype)
+        # cannot touch it) follow the parameters' device but keep their dtype. The traced
+        # graph reads them directly, so they must be where the model is.
+        super()._apply(fn, recurse)
+        reference = next(self.parameters(), None)
+        if reference is not None and reference.device.type != "meta":
+            for module in self.modules():
+                for name, value in list(vars(module).items()):
+                    if not name.startswith("_") and isinstance(value, torch.Tensor) and value.device != reference.device:
+                        module.__dict__[name] = value.to(reference.device)
+        return self
 
 
 def rewritten_class(base_cls: type) -> type:
