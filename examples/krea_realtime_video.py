@@ -626,7 +626,9 @@ class KreaPipelineSpec(PipelineSpec):
     the cache from the context frames (the stream's first latent frame plus the last
     ``kv_cache_num_frames - 1`` generated frames) through the ``block_mask`` path, then the
     denoising calls run at ``chunk_start_frame(current_start_frame)``; there is no
-    ``CleanKVCacheBlock``. ``before_chunk`` and ``commits_cache`` are the driver hooks.
+    ``CleanKVCacheBlock``. ``before_chunk``, ``commits_cache`` and ``chunk_start_frame`` are
+    the driver's chunk hooks (``examples/driver.py``); the recompute is recorded there as a call
+    of kind ``"recompute"``.
     """
 
     kv_cache_num_frames: int = KV_CACHE_NUM_FRAMES
@@ -700,7 +702,8 @@ class KreaPipelineSpec(PipelineSpec):
             local_attn_size=-1,
         )
         try:
-            timestep = torch.zeros([context_frames.shape[0], num_context_frames], device=context_frames.device, dtype=torch.int64)
+            timestep = torch.zeros([context_frames.shape[0], num_context_frames], dtype=torch.int64,
+                                   device=context_frames.device)
             full = dict(
                 t=timestep,
                 context=context,

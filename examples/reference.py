@@ -13,9 +13,9 @@ with every causal Wan model family through duck typing, with no per-pipeline cod
 Unlike scope, it does not copy the deviations listed in ``vace.md`` 2.8: it embeds timesteps
 with the base model's own float64 ``sinusoidal_embedding_1d`` (A), honours the ``update_cache``
 gate and the ``q_bank`` bank pre-pass (B), keeps run-time structure of the base blocks such as
-fused ``to_qkv`` projections (C), keeps run-time attributes and ``requires_grad`` (D), and
-forwards attribute writes such as ``block_mask`` to the wrapped model (G). See
-``docs/reference.md``.
+fused ``to_qkv`` projections (C), keeps run-time attributes and ``requires_grad`` (D),
+forwards attribute writes such as ``block_mask`` to the wrapped model (G), and keeps VACE
+kwargs away from the training path (H). See ``docs/reference.md``.
 """
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ __all__ = [
     "CausalVaceWanModel",
     "REFERENCE_KEY_MAP",
     "VACE_PREFIXES",
+    "create_base_attention_block_class",
+    "create_vace_attention_block_class",
     "load_vace_state_dict",
     "native_state_dict",
     "random_vace_state_dict",
@@ -224,7 +226,7 @@ def _adopt(new: nn.Module, old: nn.Module) -> None:
     ``self_attn.to_qkv`` and ``fused_projections``, survive because whole children are reused.
     """
     for key, value in old.__dict__.items():
-        if key in _NOT_CARRIED or key == 'fused_projections':
+        if key in _NOT_CARRIED:
             continue
         # Containers are per-module state: give the new block its own copy.
         new.__dict__[key] = copy.copy(value) if isinstance(value, (dict, set)) else value
@@ -271,9 +273,9 @@ class CausalVaceWanModel(nn.Module):
                 "wrap the plain base model: Base -> VACE -> LoRA",
             )
         self._original_block_class = orig_cls
-        self._block_forward_params: frozenset[str] | None
         names, var_kw = _parameters_of(orig_cls.forward)
-        self._block_forward_params = None if var_kw else names
+        # None: the block takes **kwargs, so every call kwarg may reach it.
+        self._block_forward_params: frozenset[str] | None = None if var_kw else names
         fi = getattr(type(model), "_forward_inference", None)
         if fi is None:
             raise GraftError(f"{type(model).__name__} has no _forward_inference",
@@ -345,20 +347,22 @@ class CausalVaceWanModel(nn.Module):
 
     def _create_vace_modules(self, orig_cls: type[nn.Module], vace_in_dim: int) -> None:
         model = self.causal_wan_model
-        ref = model.patch_embedding.weight
+        anchor = model.patch_embedding.weight  # the base model's device, dtype and requires_grad
         vace_cls = create_vace_attention_block_class(orig_cls)
         # VACE blocks always use text-to-video cross-attention (vace.md 1.1).
         init_kwargs = self._block_init_kwargs(orig_cls, "t2v_cross_attn")
-        self.vace_blocks = nn.ModuleList(
-            vace_cls(**init_kwargs, block_id=k) for k in range(len(self.vace_layers))
-        )
         patch_size = tuple(model.patch_size)
-        self.vace_patch_embedding = nn.Conv3d(
-            vace_in_dim, model.dim, kernel_size=patch_size, stride=patch_size
-        )
+        # Built where the base model lives (meta stays meta), so real sizes need no CPU copy.
+        with torch.device(anchor.device):
+            self.vace_blocks = nn.ModuleList(
+                vace_cls(**init_kwargs, block_id=k) for k in range(len(self.vace_layers))
+            )
+            self.vace_patch_embedding = nn.Conv3d(
+                vace_in_dim, model.dim, kernel_size=patch_size, stride=patch_size
+            )
         for module in (self.vace_blocks, self.vace_patch_embedding):
-            module.to(device=ref.device, dtype=ref.dtype)
-            module.requires_grad_(ref.requires_grad)
+            module.to(device=anchor.device, dtype=anchor.dtype)
+            module.requires_grad_(anchor.requires_grad)
             module.train(model.training)
         self.train(model.training)
 
@@ -557,13 +561,13 @@ class CausalVaceWanModel(nn.Module):
                 x = result
 
         if kv_cache is not None and infos:
-            self._apply_cache_updates(kv_cache, infos, call_kwargs)
+            self._commit_cache_updates(kv_cache, infos, call_kwargs)
 
         x = model.head(x, e.unflatten(0, t.shape).unsqueeze(2))
         x = model.unpatchify(x, grid_sizes)
         return torch.stack(x)
 
-    def _apply_cache_updates(self, kv_cache: list[dict], infos: list, call_kwargs: dict) -> None:
+    def _commit_cache_updates(self, kv_cache: list[dict], infos: list, call_kwargs: dict) -> None:
         """The base model's deferred cache update, gated by ``update_cache`` when it has one."""
         model = self.causal_wan_model
         apply = getattr(model, "_apply_cache_updates", None)

@@ -12,7 +12,7 @@ import torch.nn as nn
 from .errors import GraftError, OrderError
 from .matching.matcher import Match
 from .module import SurgeryState, rewritten_class
-from .rewriting.specialise import add_modules, finish, match, trace_base
+from .rewriting.specialise import add_modules, finish, match, prune_resolved, trace_base
 from .rule import GraftContext, Rule
 from .tracing.guards import Guard
 from .tracing.twin import share_tree
@@ -112,6 +112,7 @@ def apply(model: nn.Module, rule: Rule, *, example_inputs: tuple[tuple, dict], d
     tracer, trace, twin = trace_base(new, type(model), rule, inputs,
                                      [n for n in inputs if n not in rule.inputs], positional)
     base_graph = _copy_graph(trace.graph)
+    prune_resolved(base_graph)
     trace_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = match(trace, twin, rule, new)

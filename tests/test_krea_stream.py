@@ -120,16 +120,25 @@ def test_base_stream_recomputes_instead_of_committing(base_record):
 
 
 def test_recompute_reads_the_previous_chunks(pipeline, base_record):
-    """The recompute's context is the stream's first frame plus the latest two generated frames."""
-    denoised = [c.output for c in base_record.calls if c.kind == "denoise" and c.step == 1]
-    assert torch.equal(pipeline.context_frames(denoised[:1]), denoised[0])
-    later = pipeline.context_frames(denoised[:3])
-    assert torch.equal(later, torch.cat([denoised[0][:, :, :1], denoised[2][:, :, 1:]], dim=2))
+    """The recompute's input: the stream's first frame plus the latest two generated frames."""
+    model = pipeline.build("tiny", seed=0)
+    inputs = []
+    handle = model.register_forward_pre_hook(lambda module, args: inputs.append(args[0].clone()))
+    record = run_stream(model, pipeline, **STREAM)
+    handle.remove()
+    assert len(inputs) == len(record.calls)
+    final = [c.output for c in base_record.calls if c.kind == "denoise" and c.step == 1]
+    recomputes = [x for x, call in zip(inputs, record.calls) if call.kind == "recompute"]
+    assert torch.equal(recomputes[0], final[0])
+    for chunk in range(2, CHUNKS):
+        expected = torch.cat([final[0][:, :, :1], final[chunk - 1][:, :, 1:]], dim=2)
+        assert torch.equal(recomputes[chunk - 1], expected), chunk
 
 
-def test_block_mask_is_set_only_during_the_recompute(pipeline, weights):
+def test_block_mask_is_set_only_during_the_recompute(pipeline):
     """Base and reference: the blocks see a mask exactly in the recompute calls; it is reset after."""
-    for model in (pipeline.build("tiny", seed=0), CausalVaceWanModel(pipeline.build("tiny", seed=0), LAYERS)):
+    reference = CausalVaceWanModel(pipeline.build("tiny", seed=0), vace_layers=LAYERS)
+    for model in (pipeline.build("tiny", seed=0), reference):
         seen = []
         handle = model.blocks[0].register_forward_pre_hook(
             lambda module, args, kwargs: seen.append(kwargs["block_mask"] is not None), with_kwargs=True)

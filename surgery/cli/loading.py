@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch.nn as nn
 
-from surgery.errors import InputError
+from surgery.errors import InputError, SurgeryError
 
 SIZES = ("tiny", "1.3B", "14B")
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -101,7 +101,15 @@ def _load_factory(spec: str) -> LoadedModel:
     if isinstance(target, nn.Module):
         value: Any = target
     elif callable(target):
-        value = target()
+        try:
+            value = target()
+        except SurgeryError:
+            raise
+        except Exception as exc:  # the user's factory failed: bad input, not a surgery bug (exit 2, not 3)
+            raise InputError(
+                f"factory {spec} raised {type(exc).__name__}: {exc}",
+                "fix the factory so that calling it with no arguments returns a model (rerun with --debug for the traceback)",
+            ) from exc
     else:
         raise InputError(f"{spec} is a {type(target).__name__}, not a model factory", "point MODEL at a function that returns a model")
     model, inputs = _split_example(value, spec)

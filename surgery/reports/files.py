@@ -4,11 +4,14 @@ A report that CI reads must never be half-written: each file is written to a tem
 file in the same directory, flushed and fsynced, and only then moved over the final name
 with ``os.replace`` (atomic on POSIX and Windows when source and target share a volume).
 When several files form one report, all of them are staged before any is replaced, so a
-failure while writing leaves every final file untouched.
+failure while writing leaves every final file untouched; if a rename fails (or is
+interrupted) after others succeeded, those are rolled back from backups, so the set of
+files is either all old or all new.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Mapping
@@ -21,6 +24,9 @@ def _fix_for(directory: Path) -> str:
 
 
 def _ensure_dir(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        # mkdir would say "File exists", which reads as if the directory were fine.
+        raise ReportError(f"report path {directory} exists and is not a directory", _fix_for(directory))
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -79,33 +85,73 @@ def _remove_quietly(path: Path) -> None:
         pass
 
 
+def _backup(path: Path) -> Path | None:
+    """A copy of ``path``'s current content next to it (``None`` if it does not exist yet)."""
+    if not path.exists():
+        return None
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".bak")
+    os.close(fd)
+    try:
+        shutil.copyfile(path, name)
+    except BaseException:
+        _remove_quietly(Path(name))
+        raise
+    return Path(name)
+
+
+def _roll_back(replaced: list[Path], backups: dict[Path, Path | None]) -> None:
+    """Undo finished renames of a multi-file write: old content back, new files removed."""
+    for path in reversed(replaced):
+        backup = backups.get(path)
+        try:
+            if backup is not None:
+                os.replace(backup, path)
+            else:
+                path.unlink()
+        except OSError:
+            pass
+
+
 def atomic_write_many(files: Mapping[str | os.PathLike[str], str | bytes]) -> list[Path]:
-    """Write several files so that each is either its old content or complete new content.
+    """Write several files so that either all of them have their complete new content or none changed.
 
     Every file is staged first; replacement starts only once all temporaries are on disk.
-    Raises :class:`ReportError` naming the directory and the fix; no temporary is left
-    behind on failure. Returns the final paths.
+    With more than one file, each existing target is backed up first, and a failure (or
+    an interrupt) between two renames restores the ones already done. Raises
+    :class:`ReportError` naming the directory and the fix; no temporary is left behind on
+    failure. Returns the final paths.
     """
     targets = [(Path(p), data.encode("utf-8") if isinstance(data, str) else bytes(data)) for p, data in files.items()]
     staged: list[tuple[Path, Path]] = []
+    backups: dict[Path, Path | None] = {}
+    replaced: list[Path] = []
     current = targets[0][0] if targets else Path(".")
     try:
-        for path, data in targets:
-            current = path
-            _ensure_dir(path.parent)
-            staged.append((_stage(path, data), path))
-        for tmp, path in staged:
-            current = path
-            os.replace(tmp, path)
+        try:
+            for path, data in targets:
+                current = path
+                _ensure_dir(path.parent)
+                staged.append((_stage(path, data), path))
+            if len(staged) > 1:
+                for _, path in staged:
+                    current = path
+                    backups[path] = _backup(path)
+            for tmp, path in staged:
+                current = path
+                os.replace(tmp, path)
+                replaced.append(path)
+        except BaseException:
+            _roll_back(replaced, backups)
+            for tmp, _ in staged:
+                _remove_quietly(tmp)
+            raise
+        finally:
+            for backup in backups.values():
+                if backup is not None:
+                    _remove_quietly(backup)
     except OSError as exc:
-        for tmp, _ in staged:
-            _remove_quietly(tmp)
         failed = current.parent
         raise ReportError(f"cannot write {current.name} in {failed}: {exc.strerror or exc}", _fix_for(failed)) from exc
-    except BaseException:
-        for tmp, _ in staged:
-            _remove_quietly(tmp)
-        raise
     for directory in {path.parent for _, path in staged}:
         _fsync_dir(directory)
     return [path for path, _ in targets]

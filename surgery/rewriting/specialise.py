@@ -7,6 +7,7 @@ the generated code directly.
 from __future__ import annotations
 
 import inspect
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -122,6 +123,22 @@ def rewrite(tracer: ExampleTracer, trace: Trace, result: MatchResult, rule: Rule
     graph.lint()
 
 
+def prune_resolved(graph: fx.Graph) -> int:
+    """Drop pure nodes nobody uses: values the tracer only computed to resolve Python
+    control flow (device checks, asserts, lengths), now replaced by guards."""
+    removed = 0
+    for node in reversed(list(graph.nodes)):
+        if node.users or node.op not in ("call_function", "call_method", "get_attr"):
+            continue
+        if node.op == "call_method" and (node.target.endswith("_") or "opaque_helper" in node.meta):
+            continue
+        if node.op == "call_function" and node.target is operator.setitem:
+            continue
+        graph.erase_node(node)
+        removed += 1
+    return removed
+
+
 def compile_graph(graph: fx.Graph) -> tuple[str, Callable[..., Any]]:
     """Generate Python for ``graph`` whose ``self`` is the live model (PEFT-visible)."""
     for node in graph.nodes:
@@ -154,6 +171,7 @@ def finish(model: nn.Module, tracer: ExampleTracer, trace: Trace, result: MatchR
     for node in trace.graph.nodes:
         if node not in before and "surgery" not in node.meta:
             node.meta["surgery"] = {"rule": rule.name, "role": "branch", "index": None}
+    prune_resolved(trace.graph)
     code, fn = compile_graph(trace.graph)
     rewrite_s = time.perf_counter() - started
     guards = GuardSet(

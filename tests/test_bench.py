@@ -1,0 +1,146 @@
+"""Smoke test of ``surgery bench``: one tiny run, checking bench.json's shape and keys (not timings)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from examples.bench_models import bench_subject, geometry_for_tokens
+from surgery import bench
+from surgery.errors import InputError
+
+HEADLINE = ("apply_s", "reference_build_s", "apply_extra_bytes", "reference_extra_bytes", "vace_param_bytes",
+            "forward_ratio_on", "forward_ratio_off", "respecialise_s")
+TARGET_NAMES = {"apply_vs_reference", "apply_memory", "forward_on", "forward_off", "apply_14b", "respecialise"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    code = bench.main(["longlive", "--size", "tiny", "--repeats", "2", "--tokens", "12", "--steps", "2",
+                       "--profile", "5", "--report", str(out)])
+    assert code == 0
+    assert (out / bench.PROFILE_FILE).read_text().strip()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temporaries
+    return json.loads((out / bench.BENCH_FILE).read_text())
+
+
+def test_headline_numbers_present_and_finite(tiny_run: dict) -> None:
+    for key in HEADLINE:
+        assert isinstance(tiny_run[key], (int, float)), key
+        assert math.isfinite(tiny_run[key]), key
+    assert tiny_run["apply_s"] > 0 and tiny_run["reference_build_s"] > 0
+    assert tiny_run["forward_ratio_on"] > 0 and tiny_run["forward_ratio_off"] > 0
+    assert tiny_run["vace_param_bytes"] == tiny_run["reference_vace_param_bytes"] > 0
+    assert tiny_run["skipped"] == {}
+
+
+def test_run_describes_its_setting(tiny_run: dict) -> None:
+    assert (tiny_run["model"], tiny_run["size"], tiny_run["device"], tiny_run["dtype"]) == \
+        ("longlive", "tiny", "cpu", "float32")
+    assert tiny_run["requested_device"] == "cpu" and tiny_run["note"] is None
+    assert tiny_run["torch"] == torch.__version__
+    for key in ("cpu", "logical_cores", "usable_cores", "torch_threads", "loadavg", "python"):
+        assert key in tiny_run["machine"], key
+    settings = tiny_run["settings"]
+    assert settings["tokens"] == 12 and settings["frames_per_chunk"] == 3 and settings["denoise_calls_per_chunk"] == 2
+    assert (settings["height"], settings["width"]) == (32, 32)
+    assert set(tiny_run["load"]) == {"before", "after"}
+
+
+def test_stats_are_medians_with_min_and_max(tiny_run: dict) -> None:
+    for key in ("apply_s", "reference_build_s", "forward_ratio_on", "forward_ratio_off"):
+        s = tiny_run["stats"][key]
+        assert s["n"] == 2 and len(s["values"]) == 2
+        assert s["min"] <= s["median"] <= s["max"]
+        assert s["median"] == tiny_run[key]
+    assert set(tiny_run["apply_phases_s"]) >= {"trace_s", "match_s", "graft_s", "rewrite_s", "apply_s"}
+
+
+def test_forward_sides_do_the_same_work(tiny_run: dict) -> None:
+    forward = tiny_run["forward"]
+    # Same VACE tensors on both sides: the rewritten model is bit-exact with the reference,
+    # and without a context it is bit-exact with the base model.
+    assert forward["on"]["max_abs_diff"] == 0.0
+    assert forward["off"]["max_abs_diff"] == 0.0
+    assert forward["weights"]["bytes"] == tiny_run["vace_param_bytes"]
+    assert forward["weights"]["storage"].startswith("shared")
+    re = forward["respecialise"]
+    assert re["new_specialisations"] >= 1 and re["engine_s"] > 0
+    assert re["seconds"] == tiny_run["respecialise_s"]
+
+
+def test_memory_section(tiny_run: dict) -> None:
+    memory = tiny_run["memory"]
+    for which in ("apply", "reference"):
+        assert "error" not in memory[which], memory[which]
+        assert memory[which]["extra_bytes"] >= 0
+        assert memory[which]["param_bytes"] == tiny_run["vace_param_bytes"]
+    assert tiny_run["apply_extra_bytes"] == memory["apply"]["extra_bytes"]
+    assert memory["method"]
+
+
+def test_targets_section(tiny_run: dict) -> None:
+    targets = {t["name"]: t for t in tiny_run["targets"]}
+    assert set(targets) == TARGET_NAMES
+    for t in targets.values():
+        assert set(t) == {"name", "target", "scope", "applies", "value", "limit", "pass"}
+        assert t["pass"] in (True, False)  # everything was measured at tiny size
+    # The 1.3B and 14B targets do not apply to a tiny run.
+    assert not any(targets[n]["applies"] for n in TARGET_NAMES - {"respecialise"})
+    assert targets["apply_vs_reference"]["limit"] == pytest.approx(0.1 * tiny_run["reference_build_s"])
+
+
+def test_evaluate_targets_pass_and_fail() -> None:
+    results = {"size": "1.3B", "device": "cpu", "dtype": "float32", "apply_s": 1.0, "reference_build_s": 20.0,
+               "apply_extra_bytes": 103, "vace_param_bytes": 100, "forward_ratio_on": 1.0,
+               "forward_ratio_off": 1.02, "respecialise_s": 0.25}
+    rows = {r["name"]: r for r in bench.evaluate_targets(results)}
+    assert rows["apply_vs_reference"]["pass"] is True
+    assert rows["apply_memory"]["pass"] is False
+    assert rows["forward_on"]["pass"] is True  # <= 1.00 holds at exactly 1.00
+    assert rows["forward_off"]["pass"] is False
+    assert rows["respecialise"]["pass"] is False  # strictly below 25%
+    assert rows["apply_14b"]["applies"] is False
+    missing = {r["name"]: r for r in bench.evaluate_targets({"size": "14B", "device": "meta", "dtype": "float32",
+                                                             "apply_s": 1.5})}
+    assert missing["apply_14b"] == {**missing["apply_14b"], "applies": True, "pass": True}
+    assert missing["forward_on"]["pass"] is None and missing["apply_vs_reference"]["pass"] is None
+
+
+def test_peak_memory_sees_an_allocation() -> None:
+    with bench.PeakMemory(torch.device("cpu")) as probe:
+        block = torch.ones(16 * 2**20 // 4)  # 16 MiB, touched
+        del block
+    assert probe.as_dict()["host_peak_extra_bytes"] >= 15 * 2**20
+
+
+def test_geometry_for_tokens() -> None:
+    assert geometry_for_tokens(2160, 3) == (320, 576)
+    assert geometry_for_tokens(96, 3) == (64, 128)
+    assert geometry_for_tokens(12, 3) == (32, 32)
+    with pytest.raises(InputError):
+        geometry_for_tokens(100, 3)
+
+
+def test_large_models_fall_back_to_meta(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Pretend the machine has 1 MiB free: the tiny model no longer "fits", apply runs on meta.
+    monkeypatch.setattr(bench, "_free_bytes", lambda device: 2**20)
+    config = bench.BenchConfig(model="longlive", size="tiny", repeats=1, memory=False)
+    results = bench.run_bench(config)
+    assert results["device"] == "meta" and results["requested_device"] == "cpu"
+    assert "meta" in results["note"]
+    assert results["apply_s"] > 0 and results["reference_build_s"] is None
+    assert results["forward_ratio_on"] is None and "forward" in results["skipped"]
+    bench.write_results(tmp_path, results)
+    assert json.loads((tmp_path / bench.BENCH_FILE).read_text())["device"] == "meta"
+
+
+def test_unknown_model_is_an_input_error() -> None:
+    with pytest.raises(InputError):
+        bench_subject("nope", size="tiny", device=torch.device("cpu"), dtype=torch.float32)
+    with pytest.raises(InputError):
+        bench.main(["longlive", "--repeats", "0"])
