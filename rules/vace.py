@@ -51,12 +51,12 @@ def _check_layers(layers: Sequence[int] | None, num_layers: int | None) -> tuple
         raise RuleError(f"vace_layers must hold integers, got {values!r}", "e.g. vace_layers=[0, 2, 4]")
     if 0 not in values:
         raise RuleError(f"vace_layers {values} does not contain 0", "VACE block 0 must feed main block 0; add 0")
+    if min(values) < 0:
+        raise RuleError(f"vace_layers {values} has a negative index", "use indices 0..num_layers-1")
     if values != sorted(values):
         raise RuleError(f"vace_layers {values} is not sorted", f"use {sorted(set(values))}")
     if len(set(values)) != len(values):
         raise RuleError(f"vace_layers {values} has duplicates", f"use {sorted(set(values))}")
-    if values[0] < 0:
-        raise RuleError(f"vace_layers {values} has a negative index", "use indices 0..num_layers-1")
     if num_layers is not None and values[-1] >= num_layers:
         raise RuleError(f"vace_layers {values} is out of range for {num_layers} blocks",
                         f"use indices 0..{num_layers - 1}")
@@ -162,8 +162,16 @@ def _check_call(inputs: dict[str, Any], latent: Any, vace_in_dim: int) -> dict[s
     context, scale = inputs.get("vace_context"), inputs.get("vace_context_scale", 1.0)
     if context is None:
         return {"vace_context": None, "vace_context_scale": None}
-    items = list(context) if isinstance(context, (list, tuple)) or (
-        isinstance(context, torch.Tensor) and context.dim() == 5) else [context]
+    if isinstance(context, torch.Tensor) and context.dim() != 5:
+        want = f"[{latent.shape[0]}, {vace_in_dim}, F, {latent.shape[3]}, {latent.shape[4]}]" \
+            if isinstance(latent, torch.Tensor) and latent.dim() == 5 else f"[B, {vace_in_dim}, F, H, W]"
+        raise CallError(f"vace_context has shape {tuple(context.shape)}, expected a batched {want} tensor "
+                        f"for the latent of shape {tuple(latent.shape) if isinstance(latent, torch.Tensor) else '?'}",
+                        "add the batch dimension (vace_context.unsqueeze(0)) or pass a list of [C, F, H, W] tensors")
+    if not isinstance(context, (list, tuple, torch.Tensor)):
+        raise CallError(f"vace_context must be a tensor or a list of tensors, got {type(context).__name__}",
+                        "pass a [B, C, F, H, W] tensor")
+    items = list(context)
     for i, item in enumerate(items):
         if not isinstance(item, torch.Tensor) or item.dim() != 4:
             shape = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__

@@ -193,8 +193,8 @@ WEIGHT_FAULTS = [
     ("read_tensor", "second.safetensors", True, 7, Injected("read")),
     ("_assign", "second.safetensors", True, 7, Injected("assign")),
     ("_assign", "second.safetensors", True, 7, KeyboardInterrupt()),
-    ("_copy_into", "second.safetensors", False, 7, Injected("copy")),
-    ("_copy_into", "second64.safetensors", True, 7, KeyboardInterrupt()),
+    ("_converted", "second.safetensors", False, 7, Injected("copy")),
+    ("_converted", "second64.safetensors", True, 7, KeyboardInterrupt()),
 ]
 
 

@@ -248,10 +248,11 @@ def test_mixed_dtypes_are_converted_per_tensor(tmp_path, ref):
     assert report.file_dtypes == want_file and report.target_dtypes == {"float32": len(ref)}
     assert (report.shared, report.converted) == (want_file["float32"], len(ref) - want_file["float32"])
     assert_loaded(fp32, ref)
-    # Converted tensors were copied into the existing storage; same-dtype ones were assigned.
+    # Same-dtype tensors were assigned (mapped), converted ones built in fresh storage and
+    # swapped in: no VACE parameter keeps its old storage, so nothing is ever half-written.
     for k, v in fp32.state_dict().items():
         if k.startswith("vace_"):
-            assert (v.data_ptr() == ptrs[k]) == (mixed[k].dtype != torch.float32), k
+            assert v.data_ptr() != ptrs[k] and v.dtype == torch.float32, k
 
     bf16 = StandIn().to(torch.bfloat16)
     report = load_vace_weights(bf16, path)
@@ -296,7 +297,7 @@ def test_matching_dtype_shares_the_file_mapping_and_copy_on_write(tmp_path, ref)
     ptr = copied.vace_blocks[1].ffn[0].weight.data_ptr()
     report = load_vace_weights(copied, path, mmap=False)
     assert (report.shared, report.copied) == (0, len(ref))
-    assert copied.vace_blocks[1].ffn[0].weight.data_ptr() == ptr  # copied into the existing parameter
+    assert copied.vace_blocks[1].ffn[0].weight.data_ptr() != ptr  # fresh storage, swapped in at the end
     assert str(path) not in _mapped_files(copied.vace_blocks[1].ffn[0].weight.data_ptr())
     assert_loaded(copied, ref)
 
@@ -529,13 +530,13 @@ def test_failure_while_assigning_rolls_back(tmp_path, ref, monkeypatch):
     assert_unchanged(model, snap)
 
 
-def test_failure_during_copies_restores_assigned_parameters(tmp_path, ref, monkeypatch):
+def test_failure_during_conversion_restores_assigned_parameters(tmp_path, ref, monkeypatch):
     import surgery.weights.loader as loader
 
     def broken(slot, value):
         raise RuntimeError("simulated device fault")
 
-    monkeypatch.setattr(loader, "_copy_into", broken)
+    monkeypatch.setattr(loader, "_converted", broken)
     mixed = {k: (v.half() if "ffn" in k else v) for k, v in ref.items()}  # some assigned, some copied
     model = StandIn()
     snap = snapshot(model)

@@ -8,9 +8,10 @@ How each tensor lands in the module:
 * same dtype, CPU parameter, ``mmap=True``: the parameter is *replaced* by the mapped
   file tensor (assign-style, like ``load_state_dict(assign=True)``): no copy at all;
 * parameter on ``meta``: replaced by a converted CPU tensor (there is nothing to copy into);
-* otherwise (dtype or device differ, or ``mmap=False``): copied into the existing
-  parameter, converting in the copy kernel (like ``load_state_dict()``): one pass, no
-  second model-sized allocation, and the parameter keeps its device and storage.
+* otherwise (dtype or device differ, or ``mmap=False``): converted into fresh storage on
+  the parameter's device with the copy kernel, then swapped in together with everything
+  else, so even an interrupt half-way leaves the module as it was (at the cost of a
+  transient second copy of the VACE branch, never of the base model).
 """
 from __future__ import annotations
 
@@ -150,8 +151,10 @@ def _assign(slot: _Slot, value: torch.Tensor) -> None:
         (owner._parameters if slot.is_param else owner._buffers)[attr] = new
 
 
-def _copy_into(slot: _Slot, value: torch.Tensor) -> None:
-    slot.tensor.copy_(value)
+def _converted(slot: _Slot, value: torch.Tensor) -> torch.Tensor:
+    fresh = torch.empty_like(slot.tensor, device=slot.target_device)
+    fresh.copy_(value)
+    return fresh
 
 
 def load_vace_weights(
@@ -363,9 +366,10 @@ def _commit(
 
     Assign-style where dtype and device allow (the parameter becomes the mapped file
     tensor: no copy), and for meta parameters (nothing to copy into). Everything else is
-    copied into the existing storage, converting dtype/device in the copy kernel: on a
-    735M-parameter bf16 file into a float32 model that was several times faster than
-    building new converted tensors, and it needs no second model-sized allocation.
+    converted into fresh storage with the copy kernel (``empty_like(...).copy_``, as fast
+    as copying in place) and swapped in only when every tensor is ready, so an interrupt
+    or a device fault leaves the module exactly as it was. The price is a transient second
+    copy of the grafted branch's parameters (not of the base model's).
     """
     assigns: list[tuple[_Slot, torch.Tensor]] = []
     copies: list[tuple[_Slot, torch.Tensor]] = []
@@ -388,18 +392,17 @@ def _commit(
         counts.target_dtypes[_dtype_name(dtype)] += 1
         counts.devices[str(device)] += 1
 
+    with torch.no_grad():
+        for slot, t in copies:
+            assigns.append((slot, _converted(slot, t)))
     done: list[tuple[_Slot, list[torch.Tensor]]] = []
     try:
         for slot, value in assigns:
             done.append((slot, [(o._parameters if slot.is_param else o._buffers)[a] for o, a in slot.owners]))
             _assign(slot, value)
-        with torch.no_grad():
-            for slot, t in copies:
-                _copy_into(slot, t)
     except BaseException:
-        # Every check has passed by now, so only an interrupt or a device fault lands here;
-        # undo the assignments (same tensor objects as before). In-place copies already
-        # made cannot be undone without a backup of the whole model.
+        # Every check has passed by now, so only an interrupt lands here; put the previous
+        # tensor objects back.
         for slot, before in reversed(done):
             for (owner, attr), old in zip(slot.owners, before):
                 (owner._parameters if slot.is_param else owner._buffers)[attr] = old
