@@ -122,10 +122,12 @@ def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_la
     def check_call(inputs: dict[str, Any], call_inputs: dict[str, Any], latent: Any,
                    model: nn.Module) -> dict[str, Any]:
         checked = _check_call(inputs, latent, vace_in_dim)
+        grafted = getattr(model, BLOCKS, None)
+        count = len(grafted) if grafted is not None else len(resolved(expected(model)))
+        # Checked even without a context, so a bad scale fails on the first call, not later.
+        scale = normalise_scale(inputs.get("vace_context_scale", 1.0), count)
         if checked["vace_context"] is not None:
-            grafted = getattr(model, BLOCKS, None)
-            count = len(grafted) if grafted is not None else len(resolved(expected(model)))
-            checked["vace_context_scale"] = normalise_scale(inputs.get("vace_context_scale", 1.0), count)
+            checked["vace_context_scale"] = scale
         return checked
 
     def example(latent: Any, model: nn.Module) -> dict[str, Any]:

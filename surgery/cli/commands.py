@@ -43,7 +43,7 @@ class ApplyOptions:
     set: list[str] = field(default_factory=list)
     size: str | None = None
     weights: str | None = None
-    validate: bool = False
+    validate: bool | None = None  # None: on for built-in models at tiny size, unless dry_run
     dry_run: bool = False
     report: str | None = None
     save: str | None = None
@@ -180,6 +180,10 @@ def run_apply(opts: ApplyOptions, backend: Backend | None = None) -> int:
         raise InputError(f"{flag} needs the rewritten model, which --dry-run does not build", f"drop --dry-run or {flag}")
     backend = backend or engine_backend()
     out = render.console()
+    if opts.validate is None:
+        # The main job (`surgery apply longlive`) validates; large sizes and factories opt in.
+        opts.validate = (not opts.dry_run and opts.model in builtin_pipelines()
+                         and (opts.size or "tiny") == "tiny")
     need_values = bool(opts.validate or opts.save or opts.weights)
     loaded = load_model(opts.model, size=opts.size, seed=opts.seed, need_values=need_values)
     rule = build_rule(opts.rule, opts.set, loaded)

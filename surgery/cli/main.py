@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         _model_and_rule(p)
         p.add_argument("--weights", metavar="PATH", help="load the grafted branch's weights (safetensors file or directory)")
         if name == "apply":
-            p.add_argument("--validate", action="store_true", help="validate against the reference (exit 1 on mismatch)")
+            p.add_argument("--validate", action=argparse.BooleanOptionalAction, default=None,
+                           help="validate against the reference, exit 1 on mismatch (default: on for "
+                                "built-in models at tiny size, unless --dry-run)")
             p.add_argument("--dry-run", action="store_true", help="trace and match only; build nothing")
         p.add_argument("--report", metavar="DIR", help="write report.json and report.md into DIR")
         p.add_argument("--save", metavar="PATH", help="save the grafted modules' weights (safetensors)")
@@ -93,7 +95,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("apply", "validate"):
         opts = commands.ApplyOptions(
             model=args.model, rule=args.rule, set=list(args.set), size=args.size, weights=args.weights,
-            validate=getattr(args, "validate", False), dry_run=getattr(args, "dry_run", False),
+            validate=getattr(args, "validate", None), dry_run=getattr(args, "dry_run", False),
             report=args.report, save=args.save, seed=args.seed, debug=args.debug,
         )
         return commands.run_validate(opts) if args.command == "validate" else commands.run_apply(opts)
