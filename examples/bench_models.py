@@ -178,10 +178,22 @@ def bench_subject(model: str, *, size: str, device: torch.device, dtype: torch.d
         return vace.rule(**options)
 
     def build_base() -> nn.Module:
-        return pipeline.build(size, seed, device, dtype, init)
+        model = pipeline.build(size, seed, device, dtype, init)
+        if device.type == "meta":
+            # The meta build keeps freqs on CPU (the generator's hack); on meta too, calls of
+            # the rewritten model can run shape-only (re-specialisation timing).
+            model.freqs = model.freqs.to("meta")
+        return model
 
     def example_inputs(base: nn.Module) -> tuple[tuple, dict]:
         args, kwargs = example_call(base, pipeline, height=height, width=width, seed=seed)
+        return tuple(args), dict(kwargs)
+
+    def call_inputs(model: nn.Module, alternate: bool) -> tuple[tuple, dict]:
+        h, w = (alt_height, alt_width) if alternate else (height, width)
+        ctx = torch.randn([1, options["vace_in_dim"], frames, h // 8, w // 8], generator=torch.Generator().manual_seed(seed))
+        args, kwargs = example_call(model, pipeline, height=h, width=w, seed=seed,
+                                    vace_context=ctx.to(device=device, dtype=dtype))
         return tuple(args), dict(kwargs)
 
     def build_reference(base: nn.Module) -> nn.Module:
@@ -205,7 +217,7 @@ def bench_subject(model: str, *, size: str, device: torch.device, dtype: torch.d
     return BenchSubject(
         name=model, size=size, device=device, dtype=dtype, rule=rule, build_base=build_base,
         example_inputs=example_inputs, base_param_bytes=base_bytes,
-        build_reference=build_reference if real else None, forward=forward, warmup=warmup,
+        build_reference=build_reference if real else None, forward=forward, warmup=warmup, call_inputs=call_inputs,
         settings={"tokens": tokens, "frames_per_chunk": frames, "height": height, "width": width,
                   "tokens_per_frame": tokens // frames, "denoise_calls_per_chunk": count, "steps": list(step_values),
                   "respecialise_height": alt_height, "respecialise_width": alt_width,

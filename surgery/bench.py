@@ -20,8 +20,10 @@ Metrics (medians over ``--repeats`` runs, with min and max, in ``stats``):
   ``forward_ratio_off``: (rewritten, no VACE context) / (base model). Each pair runs both
   sides back to back, alternating which goes first so neither always runs warm.
 * ``respecialise_s``: first call at a new resolution minus the median steady-state call
-  at that resolution on the rewritten model (the engine's own ``trace_s + rewrite_s`` for
-  the new specialisations is reported beside it).
+  at that resolution, on the rewritten model built on the meta device (same layers and
+  shapes; a call only propagates shapes, so the difference is the engine's work, not the
+  noise of a real forward). The engine's own ``trace_s + rewrite_s`` for the new
+  specialisation is reported beside it, and again for the real model in ``forward``.
 """
 from __future__ import annotations
 
@@ -78,7 +80,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: on the meta device (apply only): tracing and matching never read weight values.
 MEMORY_HEADROOM = 0.8
 #: Steady-state calls used as the baseline of ``respecialise_s``.
-STEADY_CALLS = 3
+STEADY_CALLS = 5
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +113,9 @@ class BenchSubject:
     values do not matter for apply); ``example_inputs(base)`` its example call;
     ``build_reference(base)`` wraps ``base`` (in place) in the hand-written reference;
     ``warmup()`` runs apply and the reference once on a small model (one-time imports and
-    lazy initialisation out of the memory measurements). ``settings`` is recorded as is.
+    lazy initialisation out of the memory measurements); ``call_inputs(model, alternate)``
+    is one call with a VACE context at the example geometry or (``alternate``) a new one,
+    used on the meta device to time re-specialisation. ``settings`` is recorded as is.
     """
 
     name: str
@@ -125,6 +129,7 @@ class BenchSubject:
     build_reference: Optional[Callable[[nn.Module], nn.Module]] = None
     forward: Optional[ForwardSuite] = None
     warmup: Optional[Callable[[], None]] = None
+    call_inputs: Optional[Callable[[nn.Module, bool], tuple[tuple, dict]]] = None
     settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -494,22 +499,60 @@ def measure_forward(subject: BenchSubject, repeats: int) -> dict[str, Any]:
     off = _paired(off_a, off_b, repeats, subject.device)
     _log("forward: a call at a new resolution")
 
+    # The same new signature on the real model, once: the engine's own timing of that
+    # specialisation cross-checks the meta measurement (see measure_respecialise).
     state = rewritten.surgery_state
     known = set(state.specialisations)
     alternate = suite.runner(rewritten, vace=True, alternate=True, prefill=False, calls=1)
     first, _ = _timed(alternate, subject.device)
-    steady = [_timed(alternate, subject.device)[0] for _ in range(STEADY_CALLS)]
     new_specs = [spec for key, spec in state.specialisations.items() if key not in known]
     respecialise = {
+        "first_call_s": first,
+        "engine_s": sum(spec.trace_s + spec.rewrite_s for spec in new_specs),
+        "new_specialisations": len(new_specs),
+    }
+    return {"on": on, "off": off, "weights": weights, "respecialise": respecialise}
+
+
+def _call_timed(model: nn.Module, inputs: tuple[tuple, dict], device: torch.device) -> float:
+    args, kwargs = inputs
+    with torch.no_grad():
+        return _timed(lambda: model(*args, **kwargs), device)[0]
+
+
+def measure_respecialise(subject: BenchSubject, steady_calls: int = STEADY_CALLS) -> dict[str, Any]:
+    """Cost of a call with a new input signature (a new resolution) on the rewritten model.
+
+    Measured on ``subject`` built on the meta device: the same layers and shapes, but a
+    call only propagates shapes, so first call minus steady-state call is the engine's
+    work (guard misses, trace on the meta twin, match, rewrite, compile, guards) and not
+    the noise of a multi-second real forward. The engine's own ``trace_s + rewrite_s`` of
+    the new specialisations is reported beside it.
+    """
+    assert subject.call_inputs is not None
+    base = subject.build_base()
+    inputs = subject.example_inputs(base)
+    apply_s, result = _timed(lambda: _apply(subject, base, inputs), subject.device)
+    model = result.module
+    state = model.surgery_state
+    for _ in range(2):  # the initial resolution, warm
+        _call_timed(model, subject.call_inputs(model, False), subject.device)
+    known = set(state.specialisations)
+    inputs = subject.call_inputs(model, True)
+    first = _call_timed(model, inputs, subject.device)
+    steady = [_call_timed(model, inputs, subject.device) for _ in range(steady_calls)]
+    new_specs = [spec for key, spec in state.specialisations.items() if key not in known]
+    return {
+        "device": str(subject.device),
+        "apply_s": apply_s,
         "first_call_s": first,
         "steady_call_s": summarise(steady),
         "seconds": first - statistics.median(steady),
         "engine_s": sum(spec.trace_s + spec.rewrite_s for spec in new_specs),
         "new_specialisations": len(new_specs),
         "specialisations_total": len(state.specialisations),
-        "reasons": list(state.reasons),
+        "reason": state.reasons[-1] if state.reasons else None,
     }
-    return {"on": on, "off": off, "weights": weights, "respecialise": respecialise}
 
 
 def profile_apply(subject: BenchSubject, top: int) -> tuple[str, list[dict[str, Any]]]:
@@ -734,7 +777,16 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     results["apply_extra_bytes"] = memory.get("apply", {}).get("extra_bytes")
     results["reference_extra_bytes"] = memory.get("reference", {}).get("extra_bytes")
 
-    results.update(forward_ratio_on=None, forward_ratio_off=None, respecialise_s=None, forward=None)
+    results.update(respecialise_s=None, respecialise=None)
+    meta_subject = subject if device == "meta" else _subject(config, "meta")
+    if meta_subject.call_inputs is None:
+        results["skipped"]["respecialise_s"] = "the provider gives no call_inputs"
+    else:
+        _log("respecialise: a new resolution on the meta device")
+        results["respecialise"] = measure_respecialise(meta_subject)
+        results["respecialise_s"] = results["respecialise"]["seconds"]
+
+    results.update(forward_ratio_on=None, forward_ratio_off=None, forward=None)
     if not config.forward:
         results["skipped"]["forward"] = "--no-forward"
     elif subject.forward is None or subject.build_reference is None:
@@ -742,8 +794,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     else:
         forward = measure_forward(subject, config.repeats)
         results.update(forward_ratio_on=forward["on"]["ratio"]["median"],
-                       forward_ratio_off=forward["off"]["ratio"]["median"],
-                       respecialise_s=forward["respecialise"]["seconds"], forward=forward)
+                       forward_ratio_off=forward["off"]["ratio"]["median"], forward=forward)
         stats.update(forward_ratio_on=forward["on"]["ratio"], forward_ratio_off=forward["off"]["ratio"])
 
     if config.profile:

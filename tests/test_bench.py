@@ -68,8 +68,16 @@ def test_forward_sides_do_the_same_work(tiny_run: dict) -> None:
     assert forward["off"]["max_abs_diff"] == 0.0
     assert forward["weights"]["bytes"] == tiny_run["vace_param_bytes"]
     assert forward["weights"]["storage"].startswith("shared")
-    re = forward["respecialise"]
-    assert re["new_specialisations"] >= 1 and re["engine_s"] > 0
+    real = forward["respecialise"]
+    assert real["new_specialisations"] >= 1 and real["engine_s"] > 0 and real["first_call_s"] > 0
+
+
+def test_respecialise_on_meta(tiny_run: dict) -> None:
+    re = tiny_run["respecialise"]
+    assert re["device"] == "meta"
+    assert re["new_specialisations"] >= 1 and re["engine_s"] > 0 and re["apply_s"] > 0
+    assert re["steady_call_s"]["n"] == bench.STEADY_CALLS
+    assert re["seconds"] == pytest.approx(re["first_call_s"] - re["steady_call_s"]["median"])
     assert re["seconds"] == tiny_run["respecialise_s"]
 
 
@@ -135,6 +143,7 @@ def test_large_models_fall_back_to_meta(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert "meta" in results["note"]
     assert results["apply_s"] > 0 and results["reference_build_s"] is None
     assert results["forward_ratio_on"] is None and "forward" in results["skipped"]
+    assert results["respecialise"]["device"] == "meta" and results["respecialise_s"] is not None
     bench.write_results(tmp_path, results)
     assert json.loads((tmp_path / bench.BENCH_FILE).read_text())["device"] == "meta"
 

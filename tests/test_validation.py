@@ -125,7 +125,7 @@ def test_graph_comparison_names_an_added_op():
     report = cases[1].run()
     assert report.name == "graph" and not report.passed
     assert f"rewritten only: {extra.name} (call_function mul)" in report.error
-    comparison = cases[1]._run.__closure__[0].cell_contents.graph_comparison
+    comparison = cases[1].session.graph_comparison
     assert [(d.side, d.kind, d.node) for d in comparison.differences] == [("rewritten", "only", extra.name)]
 
 
@@ -142,7 +142,7 @@ def test_graph_comparison_names_a_rewired_hint():
     case = validation_cases(broken, model=base, pipeline=pipeline, example_inputs=example, harness=harness)[1]
     outcome = case.run()
     assert not outcome.passed
-    comparison = case._run.__closure__[0].cell_contents.graph_comparison
+    comparison = case.session.graph_comparison
     kinds = {(d.side, d.kind) for d in comparison.differences}
     assert ("rewritten", "changed") in kinds, comparison.differences
     assert any(d.kind == "changed" and "vace inject 0" in d.where for d in comparison.differences)
@@ -159,7 +159,7 @@ def test_structure_table_names_keys_the_key_map_misplaces():
                              harness=dataclasses.replace(harness, to_native=shifted))
     outcome = cases[0].run()
     assert outcome.name == "structure" and not outcome.passed
-    rows = cases[0]._run.__closure__[0].cell_contents.structure_rows
+    rows = cases[0].session.structure_rows
     missing = {(r.section, r.name, r.note) for r in rows if not r.ok}
     assert ("state_dict", "vace_blocks.1.after_proj.weight", "missing in the reference") in missing
     assert ("parameter", "vace_blocks.7.after_proj.weight", "missing in the rewritten model") in missing

@@ -435,7 +435,11 @@ class ExampleTracer(fx.Tracer):
                 copy_.target = retarget(copy_.target)
             stack = node.meta.get("nn_module_stack")
             if stack:
-                copy_.meta["nn_module_stack"] = {retarget(k + ".")[:-1] if k else k: v for k, v in stack.items()}
+                copy_.meta["nn_module_stack"] = {
+                    _retarget_path(key, source.qualname, qualname): (
+                        (_retarget_path(value[0], source.qualname, qualname),) + tuple(value[1:])
+                        if isinstance(value, tuple) and value and isinstance(value[0], str) else value)
+                    for key, value in stack.items()}
             self._created.append(copy_)
             env[node] = copy_
         call = ModuleCall(qualname, module, args, kwargs, depth=source.depth, index=len(self.calls),
@@ -607,6 +611,12 @@ class ExampleTracer(fx.Tracer):
             f"make {owner} a leaf (TracePolicy.extra_leaves) or give it a cache argument so it runs eagerly")
 
 
+def _retarget_path(path: str, old: str, new: str) -> str:
+    if path == old:
+        return new
+    return new + path[len(old):] if path.startswith(old + ".") else path
+
+
 def _map_proxies(value: Any, fn: Any) -> Any:
     if isinstance(value, ConcreteProxy):
         return fn(value)
@@ -646,7 +656,11 @@ def _module_key(module: nn.Module) -> tuple:
         params = tuple((n, tuple(p.shape), p.dtype) for n, p in sub.named_parameters(recurse=False))
         attrs = tuple((k, v) for k, v in vars(sub).items()
                       if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None))))
-        parts.append((name, type(sub), params, attrs))
+        # Per-instance code (a patched forward, hooks) makes two same-class modules differ.
+        code = tuple((k, id(v)) for k, v in vars(sub).items() if callable(v) and not isinstance(v, nn.Module))
+        hooks = tuple(id(h) for key in ("_forward_hooks", "_forward_pre_hooks")
+                      for h in getattr(sub, key, {}).values())
+        parts.append((name, type(sub), params, attrs, code, hooks))
     return tuple(parts)
 
 

@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from ..errors import SurgeryError
 from .cases import Case, CaseResult, Session, build_cases, default_scales, detached, seeded_weights
-from .graphs import GraphComparison, GraphDifference, compare_graphs, trace_reference
+from .graphs import GraphComparison, GraphDifference, compare_graphs
+from .reference_trace import trace_reference
 from .harness import Harness, Scenario, discover_harness
 from .structure import StructureRow, compare_structure
 from .tolerances import TOLERANCES, model_tolerance, tolerance

@@ -8,7 +8,7 @@ Case names (``<rule>`` is the rule's name, e.g. ``vace``):
 * ``<rule>-on``: with a control input per chunk it equals the reference, over a stream of
   at least three chunks at two resolutions (and the control input must change the output,
   or the comparison could not see a broken branch);
-* ``scales``: the same at several control scales (0, 0.5, one value per hinted layer);
+* ``scales``: the same at other control scales (0, and one value per hinted layer);
 * ``lora``: PEFT LoRA after surgery: the same ``LoraConfig`` applied to the rewritten model
   and to the reference, identical adapter weights copied by native name, compared over a
   stream (and the adapters must change the output).
@@ -35,7 +35,8 @@ import torch.nn as nn
 
 from ..errors import InputError, SurgeryError
 from ..tracing.twin import share_tree
-from .graphs import GraphComparison, compare_graphs, trace_reference
+from .graphs import GraphComparison, compare_graphs
+from .reference_trace import trace_reference
 from .harness import CallDiffs, Harness, Scenario
 from .structure import StructureRow, compare_structure, map_name
 from .tolerances import model_tolerance
@@ -58,11 +59,16 @@ class CaseResult:
 
 @dataclass
 class Case:
-    """A named, runnable check (what ``surgery apply --validate`` runs one by one)."""
+    """A named, runnable check (what ``surgery apply --validate`` runs one by one).
+
+    ``session`` holds what the cases share, including the structure rows and the graph
+    comparison once those cases have run.
+    """
 
     name: str
     tolerance: float
     _run: Callable[[], CaseResult]
+    session: "Session | None" = None
 
     def run(self) -> CaseResult:
         """Run the check; an engine error while driving a model is a failed case, not a crash."""
@@ -303,9 +309,13 @@ def on_case(session: Session, name: str) -> CaseResult:
 
 
 def default_scales(layers: int) -> list[Any]:
-    """0 (branch silenced), 0.5, and a distinct value per hinted layer (one of them 0)."""
-    per_layer = tuple(0.0 if k == 1 else 0.25 * (k + 2) for k in range(layers))
-    return [0.0, 0.5, per_layer] if layers > 1 else [0.0, 0.5]
+    """0 (branch silenced) and one value per hinted layer: 0.5, 0 (that layer silenced), 0.75, 1.0, ...
+
+    A plain 1.0 is already the ``<rule>-on`` case; with a single hinted layer the second
+    scale is 0.5.
+    """
+    per_layer = tuple(0.5 if k == 0 else 0.0 if k == 1 else 0.25 * (k + 1) for k in range(layers))
+    return [0.0, per_layer] if layers > 1 else [0.0, 0.5]
 
 
 def scales_case(session: Session) -> CaseResult:
@@ -365,12 +375,12 @@ def build_cases(session: Session) -> list[Case]:
     rule = session.rule.name
     tol = session.tolerance
     return [
-        Case("structure", 0.0, lambda: structure_case(session)),
-        Case("graph", 0.0, lambda: graph_case(session)),
-        Case(f"{rule}-off", tol, lambda: off_case(session, f"{rule}-off")),
-        Case(f"{rule}-on", tol, lambda: on_case(session, f"{rule}-on")),
-        Case("scales", tol, lambda: scales_case(session)),
-        Case("lora", tol, lambda: lora_case(session)),
+        Case("structure", 0.0, lambda: structure_case(session), session),
+        Case("graph", 0.0, lambda: graph_case(session), session),
+        Case(f"{rule}-off", tol, lambda: off_case(session, f"{rule}-off"), session),
+        Case(f"{rule}-on", tol, lambda: on_case(session, f"{rule}-on"), session),
+        Case("scales", tol, lambda: scales_case(session), session),
+        Case("lora", tol, lambda: lora_case(session), session),
     ]
 
 
