@@ -35,9 +35,17 @@ class CallView:
         return self.call.qualname
 
     def module_of(self, node: fx.Node) -> nn.Module | None:
+        """The module a ``call_module`` node calls, seen through adapter wrappers.
+
+        A LoRA layer wraps the layer it adapts (``base_layer``); structurally it still is
+        that layer, so a block with LoRA on its FFN must still match.
+        """
         if node.op != "call_module":
             return None
-        return self.root.get_submodule(node.target)
+        module = self.root.get_submodule(node.target)
+        while isinstance(getattr(module, "base_layer", None), nn.Module):
+            module = module.base_layer
+        return module
 
     def derived_from_stream(self) -> set[fx.Node]:
         """Nodes of this call that depend on the stream input."""

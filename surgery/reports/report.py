@@ -9,6 +9,7 @@ import enum
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from surgery.lora.uncalled import uncalled_linear
 from surgery.reports.diff import diff_graphs, group_changes
 from surgery.reports.files import atomic_write_many
 from surgery.reports.mermaid import mermaid_region
@@ -100,6 +102,18 @@ def golden_section(diff: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
     return {"path": str(path), "equal": bool(diff.equal), "changes": list(diff.changes)}
 
 
+def lora_section(result: Any) -> dict[str, Any]:
+    """The ``lora`` section: Linear layers no specialised graph calls (a LoRA on them is a no-op).
+
+    ``uncalled_linear`` is ``None`` when there are no rewritten graphs to ask (a dry run, or a
+    result whose module was not rewritten by :func:`surgery.apply`).
+    """
+    module = getattr(result, "module", None)
+    if getattr(result, "dry_run", False) or module is None or "_surgery" not in vars(module):
+        return {"uncalled_linear": None}
+    return {"uncalled_linear": uncalled_linear(module)}
+
+
 def build_report(
     result: Any,
     validation: Any = None,
@@ -140,6 +154,7 @@ def build_report(
             "base_nodes": len(base.nodes) if base is not None else None,
         },
         "golden": dict(golden) if golden is not None else None,
+        "lora": lora_section(result),
     }
 
 
@@ -196,6 +211,26 @@ def _cut(text: str, limit: int) -> str:
     return "\n".join(lines[:limit]) + f"\n... ({len(lines) - limit} more lines cut; run `surgery diff` for the full diff)\n"
 
 
+def _lora_markdown(lora: Mapping[str, Any] | None) -> list[str]:
+    """A warning section listing the Linear layers a LoRA cannot reach; nothing when there are none."""
+    names = (lora or {}).get("uncalled_linear") or []
+    if not names:
+        return []
+    groups: dict[str, int] = {}
+    for name in names:
+        # Collapse block indices so that "blocks.*.self_attn.q x4" reads as one row.
+        pattern = re.sub(r"(?<=\.)\d+(?=\.)", "*", name)
+        groups[pattern] = groups.get(pattern, 0) + 1
+    out = ["## LoRA", "",
+           f"**Warning:** {len(names)} Linear layers are never called by the rewritten graphs (for example "
+           "projections replaced by a fused layer), so a LoRA that targets them has no effect:", ""]
+    out += _table(("module", "count"), [(f"`{p}`", f"x{n}") for p, n in groups.items()])
+    out += ["", "<details><summary>All uncalled Linear layers</summary>", ""]
+    out += [f"- `{name}`" for name in names]
+    out += ["", "</details>", ""]
+    return out
+
+
 def render_markdown(report: Mapping[str, Any], base_graph: torch.fx.Graph | None, rewritten_graph: torch.fx.Graph | None) -> str:
     """The reviewer's page: summary, tables, the rewritten region as Mermaid, and the graph diff."""
     source = f" ({report['source']})" if report.get("source") else ""
@@ -218,6 +253,8 @@ def render_markdown(report: Mapping[str, Any], base_graph: torch.fx.Graph | None
                 f"({len(report['guards'])})</summary>", ""]
         out += _table(("kind", "expression", "value", "where"), [(g["kind"], f"`{g['expr']}`", g["value"], g["where"]) for g in report["guards"]])
         out += ["", "</details>", ""]
+
+    out += _lora_markdown(report.get("lora"))
 
     out += ["## Validation", ""]
     validation = report.get("validation")
@@ -279,6 +316,7 @@ __all__ = [
     "build_report",
     "golden_section",
     "jsonable",
+    "lora_section",
     "normalise_validation",
     "render_markdown",
     "summary_line",

@@ -21,7 +21,7 @@ from ..matching.matcher import Match, MatchResult, expect_count, find_chain
 from ..matching.pattern import CallView
 from ..rule import Rule, Site, Where
 from ..tracing.guards import Guard, GuardSet, evaluate, snapshot_state, tensor_meta
-from ..tracing.tracer import ConcreteProxy, ExampleTracer, Trace
+from ..tracing.tracer import ConcreteProxy, ExampleTracer, Trace, tensor_names
 from ..tracing.twin import meta_inputs, meta_twin
 
 
@@ -189,4 +189,4 @@ def add_modules(tracer: ExampleTracer, twin: nn.Module, modules: dict[str, nn.Mo
     for name, module in modules.items():
         twin.add_module(name, meta_twin(module))
     tracer.submodule_paths = {mod: name for name, mod in twin.named_modules()}
-    tracer._param_names = {id(p): n for n, p in twin.named_parameters(remove_duplicate=False)}
+    tracer._param_names = tensor_names(twin)

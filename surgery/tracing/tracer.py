@@ -488,8 +488,7 @@ class ExampleTracer(fx.Tracer):
         started = time.perf_counter()
         self.root = root
         self.submodule_paths = {mod: name for name, mod in root.named_modules()}
-        self._param_names = {id(p): n for n, p in root.named_parameters(remove_duplicate=False)}
-        self._param_names.update({id(b): n for n, b in root.named_buffers(remove_duplicate=False)})
+        self._param_names = tensor_names(root)
         self.tensor_attrs = {}
         _collect_tensor_attrs(root, [], self.tensor_attrs)
         self._object_attrs = _collect_object_attrs(root)
@@ -609,6 +608,16 @@ class ExampleTracer(fx.Tracer):
         return TraceError(
             f"cannot trace `{line}` at {where} ({type(error).__name__}: {message})",
             f"make {owner} a leaf (TracePolicy.extra_leaves) or give it a cache argument so it runs eagerly")
+
+
+def tensor_names(root: nn.Module) -> dict[int, str]:
+    """Each parameter's and buffer's first qualified name (the one ``named_modules`` uses)."""
+    names: dict[int, str] = {}
+    for name, tensor in root.named_parameters(remove_duplicate=False):
+        names.setdefault(id(tensor), name)
+    for name, tensor in root.named_buffers(remove_duplicate=False):
+        names.setdefault(id(tensor), name)
+    return names
 
 
 def _retarget_path(path: str, old: str, new: str) -> str:

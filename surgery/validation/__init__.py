@@ -3,8 +3,15 @@
 ``surgery apply --validate`` and ``surgery validate`` call :func:`validation_cases` and run
 the cases one by one; :func:`validate` runs them all and returns a :class:`ValidationReport`.
 The reference itself comes from a :class:`Harness` that the model's owner provides (the
-engine names no model family); see :mod:`.harness`, :mod:`.cases` for the case list,
-:mod:`.structure`, :mod:`.graphs` and :mod:`.tolerances`.
+engine names no model family).
+
+* :mod:`.harness`: the harness and how it is discovered;
+* :mod:`.cases`: the named cases (``structure``, ``graph``, ``<rule>-off``, ``<rule>-on``,
+  ``scales``, ``lora``) and how they drive models without changing them;
+* :mod:`.structure`: module tree, parameters and state_dict through the key map;
+* :mod:`.reference_trace`, :mod:`.dataflow`, :mod:`.graphs`: the reference traced with the
+  engine's tracer, both graphs reduced to tensor dataflow, compared with networkx;
+* :mod:`.tolerances`: the per-device, per-dtype tolerance table (exact on CPU float32).
 """
 from __future__ import annotations
 

@@ -136,8 +136,9 @@ class Session:
                  example_inputs: tuple[tuple, dict] | None) -> None:
         if getattr(result, "dry_run", False) or getattr(result, "graph", None) is None:
             raise InputError("a dry run built no rewritten model to validate", "run apply without dry_run")
-        if len(harness.resolutions) < 2:
-            raise InputError("validation needs two resolutions", "give the harness at least two")
+        if len(harness.resolutions) < 2 or harness.chunks < 3:
+            raise InputError(f"validation needs two resolutions and three chunks, the harness gives "
+                             f"{len(harness.resolutions)} and {harness.chunks}", "give the harness more")
         self.result, self.model, self.harness = result, model, harness
         self.example_inputs = example_inputs
         self.rule = result.rule
@@ -215,6 +216,8 @@ class Session:
             return self.harness.drive(model, scenario)
 
     def scenario(self, index: int, *, control: bool, scale: Any = 1.0) -> Scenario:
+        if isinstance(scale, list):
+            scale = tuple(scale)  # scenarios key the memo of runs
         return Scenario(tuple(self.harness.resolutions[index]), control=control, scale=scale)
 
     def hinted_layers(self) -> int:

@@ -12,7 +12,7 @@ package that defines the pipeline's class (``<package>.validation.validation_har
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -79,7 +79,6 @@ class Harness:
     scales: Callable[[int], Sequence[Any]] | None = None
     lora_targets: Callable[[nn.Module], list[str]] | None = None
     random_weights: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 HarnessFactory = Callable[..., Harness]
