@@ -342,10 +342,10 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 # Measurements
 # --------------------------------------------------------------------------------------------
 
-def _apply(subject: BenchSubject, base: nn.Module, inputs: tuple[tuple, dict]) -> Any:
+def _apply(subject: BenchSubject, base: nn.Module, inputs: tuple[tuple, dict], rule: Any = None) -> Any:
     import surgery
 
-    return surgery.apply(base, subject.rule(), example_inputs=inputs)
+    return surgery.apply(base, subject.rule() if rule is None else rule, example_inputs=inputs)
 
 
 def measure_build_times(subject: BenchSubject, repeats: int) -> dict[str, Any]:
@@ -362,10 +362,11 @@ def measure_build_times(subject: BenchSubject, repeats: int) -> dict[str, Any]:
             base = subject.build_base()
             inputs = subject.example_inputs(base)
             old_ids = {id(p) for p in base.parameters()}
+            rule = subject.rule()
             _release_memory()
             _log(f"round {round_index + 1}/{repeats}: {side}")
             if side == "apply":
-                seconds, result = _timed(lambda: _apply(subject, base, inputs), subject.device)
+                seconds, result = _timed(lambda: _apply(subject, base, inputs, rule), subject.device)
                 apply_runs.append(seconds)
                 for key, value in result.timings.items():
                     phases.setdefault(key, []).append(value)
@@ -401,10 +402,11 @@ def measure_peak(subject: BenchSubject, which: str) -> dict[str, Any]:
     base = subject.build_base()
     inputs = subject.example_inputs(base)
     old_ids = {id(p) for p in base.parameters()}
+    rule = subject.rule()
     _release_memory()
     with PeakMemory(subject.device) as probe:
         if which == "apply":
-            result = _apply(subject, base, inputs)
+            result = _apply(subject, base, inputs, rule)
         else:
             assert subject.build_reference is not None
             result = subject.build_reference(base)
@@ -535,7 +537,8 @@ def measure_respecialise(subject: BenchSubject, steady_calls: int = STEADY_CALLS
     assert subject.call_inputs is not None
     base = subject.build_base()
     inputs = subject.example_inputs(base)
-    apply_s, result = _timed(lambda: _apply(subject, base, inputs), subject.device)
+    rule = subject.rule()
+    apply_s, result = _timed(lambda: _apply(subject, base, inputs, rule), subject.device)
     model = result.module
     state = model.surgery_state
     for _ in range(2):  # the initial resolution, warm
@@ -564,10 +567,11 @@ def profile_apply(subject: BenchSubject, top: int) -> tuple[str, list[dict[str, 
     """One ``surgery.apply`` under cProfile; the report text and the top entries by own time."""
     base = subject.build_base()
     inputs = subject.example_inputs(base)
+    rule = subject.rule()
     _release_memory()
     profiler = cProfile.Profile()
     profiler.enable()
-    result = _apply(subject, base, inputs)
+    result = _apply(subject, base, inputs, rule)
     _sync(subject.device)
     profiler.disable()
     del result
