@@ -613,7 +613,10 @@ def _plain_call(model: nn.Module) -> Callable[..., torch.Tensor]:
 
 
 def _block_mask_model(model: nn.Module) -> nn.Module:
-    """The object whose ``block_mask`` the blocks read (the base model under a VACE wrapper)."""
+    """The object whose ``block_mask`` the blocks read (under a PEFT and/or VACE wrapper)."""
+    unwrap = getattr(model, "get_base_model", None)
+    if callable(unwrap):  # PeftModel / LoraModel around the model
+        model = unwrap()
     owner = getattr(model, "causal_wan_model", None)
     return model if owner is None else owner
 

@@ -290,7 +290,7 @@ def test_read_only_directory_is_a_report_error(tmp_path):
 
 # --- report.json / report.md ------------------------------------------------------------
 
-TOP_KEYS = {"schema_version", "model", "source", "rule", "options", "matches", "grafted", "guards",
+TOP_KEYS = {"schema_version", "lora", "model", "source", "rule", "options", "matches", "grafted", "guards",
             "validation", "timings", "dry_run", "graph", "golden"}
 
 
