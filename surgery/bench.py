@@ -17,8 +17,10 @@ Metrics (medians over ``--repeats`` runs, with min and max, in ``stats``):
   the grafted parameters.
 * ``forward_ratio_on``: median over paired runs of (rewritten, VACE on) / (reference) over a
   streaming chunk (several denoising calls at the same ``current_start``);
-  ``forward_ratio_off``: (rewritten, no VACE context) / (base model). Each pair runs both
-  sides back to back, alternating which goes first so neither always runs warm.
+  ``forward_ratio_off``: (rewritten, no VACE context) / (base model). The two chunks of a
+  pair are interleaved call by call, the order flipping every call, so load from other
+  processes hits both sides alike; process-CPU-time ratios and the ratio of the fastest
+  chunks are kept beside the wall-time medians.
 * ``respecialise_s``: the engine's recorded time (``trace_s + rewrite_s``) for the new
   specialisation a call at a new resolution builds, on the rewritten model built on the
   meta device (same layers and shapes; exists at every size). First call minus steady
@@ -97,11 +99,13 @@ class ForwardSuite(Protocol):
         """Give both models the same seeded random graft weights; returns what was done."""
 
     def runner(self, model: nn.Module, *, vace: bool, alternate: bool = False, prefill: bool = True,
-               calls: Optional[int] = None) -> Callable[[], torch.Tensor]:
-        """Prepare caches (and a prefill chunk) for ``model``; return one timed streaming chunk.
+               calls: Optional[int] = None) -> list[Callable[[], torch.Tensor]]:
+        """Prepare caches (and a prefill chunk) for ``model``; return one streaming chunk.
 
-        ``alternate`` uses the second geometry (a new input signature); ``calls`` limits the
-        chunk to that many denoising calls. The returned function returns the last output.
+        The chunk is a list of denoising calls (at the same ``current_start``), each a
+        function returning that call's output; running them in order is one chunk, and
+        every run of the list repeats the same chunk. ``alternate`` uses the second
+        geometry (a new input signature); ``calls`` keeps only the first ``calls`` calls.
         """
 
 
@@ -190,6 +194,8 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
 def _release_memory() -> None:
     """Collect garbage and hand glibc's free heap back to the kernel (so RSS is honest)."""
     gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()  # a memory subprocess needs what this process only caches
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -338,6 +344,20 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def source_info() -> Optional[dict[str, Any]]:
+    """The git commit of the measured code and whether engine files differ from it (best effort)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "surgery", "rules", "examples"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return {"commit": commit.stdout.strip(), "modified": [line[3:] for line in dirty.stdout.splitlines()]}
+
+
 # --------------------------------------------------------------------------------------------
 # Measurements
 # --------------------------------------------------------------------------------------------
@@ -450,25 +470,61 @@ def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().nan_to_num(nan=math.inf).max())
 
 
-def _paired(a: Callable[[], torch.Tensor], b: Callable[[], torch.Tensor], repeats: int,
+def _timed_cpu(fn: Callable[[], Any], device: torch.device) -> tuple[float, float, Any]:
+    """Wall and process CPU time (all threads) of one call."""
+    _sync(device)
+    cpu, wall = time.process_time(), time.perf_counter()
+    value = fn()
+    _sync(device)
+    return time.perf_counter() - wall, time.process_time() - cpu, value
+
+
+def _run_chunk(calls: Sequence[Callable[[], torch.Tensor]]) -> torch.Tensor:
+    out = None
+    for call in calls:
+        out = call()
+    assert out is not None, "a chunk needs at least one call"
+    return out
+
+
+def _paired(a: Sequence[Callable[[], torch.Tensor]], b: Sequence[Callable[[], torch.Tensor]], repeats: int,
             device: torch.device) -> dict[str, Any]:
-    """Paired runs of ``a`` and ``b`` alternating which goes first; ratio a/b per pair."""
-    a_times: list[float] = []
-    b_times: list[float] = []
+    """``repeats`` paired chunks of ``a`` and ``b``; ratio of chunk times a/b per pair.
+
+    The two chunks are interleaved call by call (a1 b1 b2 a2 a3 b3 ..., the order flipping
+    every call and every pair), so a burst of load from other processes slows both sides
+    of a pair alike instead of one whole chunk. Each side keeps its own caches, so the
+    interleaving does not change what either computes. Process CPU time is kept beside
+    the wall time: it does not count time spent descheduled.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"chunks differ in length ({len(a)} and {len(b)} calls)")
+    wall = {"a": [], "b": []}
+    cpu = {"a": [], "b": []}
     diff = 0.0
     for index in range(repeats):
-        if index % 2 == 0:
-            ta, out_a = _timed(a, device)
-            tb, out_b = _timed(b, device)
-        else:
-            tb, out_b = _timed(b, device)
-            ta, out_a = _timed(a, device)
-        a_times.append(ta)
-        b_times.append(tb)
-        diff = max(diff, _max_abs_diff(out_a, out_b))
-    ratios = [x / y for x, y in zip(a_times, b_times)]
-    return {"ratio": summarise(ratios), "rewritten_s": summarise(a_times), "baseline_s": summarise(b_times),
-            "max_abs_diff": diff}
+        total = {"a": [0.0, 0.0], "b": [0.0, 0.0]}
+        out: dict[str, torch.Tensor] = {}
+        for k in range(len(a)):
+            order = ("a", "b") if (index + k) % 2 == 0 else ("b", "a")
+            for side in order:
+                seconds, cpu_s, out[side] = _timed_cpu((a if side == "a" else b)[k], device)
+                total[side][0] += seconds
+                total[side][1] += cpu_s
+        for side in ("a", "b"):
+            wall[side].append(total[side][0])
+            cpu[side].append(total[side][1])
+        diff = max(diff, _max_abs_diff(out["a"], out["b"]))
+    return {
+        "ratio": summarise([x / y for x, y in zip(wall["a"], wall["b"])]),
+        "cpu_ratio": summarise([x / y for x, y in zip(cpu["a"], cpu["b"])]),
+        "ratio_of_min": min(wall["a"]) / min(wall["b"]),
+        "rewritten_s": summarise(wall["a"]),
+        "baseline_s": summarise(wall["b"]),
+        "rewritten_cpu_s": summarise(cpu["a"]),
+        "baseline_cpu_s": summarise(cpu["b"]),
+        "max_abs_diff": diff,
+    }
 
 
 def measure_forward(subject: BenchSubject, repeats: int) -> dict[str, Any]:
@@ -494,7 +550,7 @@ def measure_forward(subject: BenchSubject, repeats: int) -> dict[str, Any]:
     off_b = suite.runner(base, vace=False)
     _log("forward: warm-up chunks")
     for warm in (on_a, on_b, off_a, off_b):
-        warm()
+        _run_chunk(warm)
     _log(f"forward: {repeats} pairs with VACE on")
     on = _paired(on_a, on_b, repeats, subject.device)
     _log(f"forward: {repeats} pairs with VACE off")
@@ -506,7 +562,7 @@ def measure_forward(subject: BenchSubject, repeats: int) -> dict[str, Any]:
     state = rewritten.surgery_state
     known = set(state.specialisations)
     alternate = suite.runner(rewritten, vace=True, alternate=True, prefill=False, calls=1)
-    first, _ = _timed(alternate, subject.device)
+    first, _ = _timed(alternate[0], subject.device)
     new_specs = [spec for key, spec in state.specialisations.items() if key not in known]
     respecialise = {
         "first_call_s": first,
@@ -682,6 +738,11 @@ def render_table(results: dict[str, Any]) -> Any:
     row("vace_param_bytes", "vace_param_bytes", "B")
     row("forward_ratio_on", "forward_ratio_on", "")
     row("forward_ratio_off", "forward_ratio_off", "")
+    forward = results.get("forward") or {}
+    for side in ("on", "off"):
+        if side in forward:
+            s = forward[side]["cpu_ratio"]
+            table.add_row(f"  cpu-time ratio {side}", _fmt(s["median"]), _fmt(s["min"]), _fmt(s["max"]), str(s["n"]))
     row("respecialise_s", "respecialise_s", "s")
 
     targets = Table(title="Targets", title_justify="left")
@@ -757,6 +818,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "note": " ".join(notes) or None,
         "machine": machine,
         "torch": torch.__version__,
+        "source": source_info(),
         "settings": {"repeats": config.repeats, "seed": config.seed, **subject.settings},
         "skipped": {},
     }

@@ -49,6 +49,7 @@ def test_run_describes_its_setting(tiny_run: dict) -> None:
     assert settings["tokens"] == 12 and settings["frames_per_chunk"] == 3 and settings["denoise_calls_per_chunk"] == 2
     assert (settings["height"], settings["width"]) == (32, 32)
     assert set(tiny_run["load"]) == {"before", "after"}
+    assert tiny_run["source"] is None or len(tiny_run["source"]["commit"]) == 40
 
 
 def test_stats_are_medians_with_min_and_max(tiny_run: dict) -> None:
@@ -154,3 +155,14 @@ def test_unknown_model_is_an_input_error() -> None:
         bench_subject("nope", size="tiny", device=torch.device("cpu"), dtype=torch.float32)
     with pytest.raises(InputError):
         bench.main(["longlive", "--repeats", "0"])
+
+
+def test_strict_exit_code(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    results = {"model": "longlive", "size": "1.3B", "device": "cpu", "requested_device": "cpu", "dtype": "float32",
+               "note": None, "skipped": {}, "stats": {}, "apply_s": 1.0, "reference_build_s": 5.0}
+    results["targets"] = bench.evaluate_targets(results)  # apply_vs_reference applies and fails
+    monkeypatch.setattr(bench, "run_bench", lambda config: dict(results))
+    argv = ["longlive", "--size", "1.3B", "--report", str(tmp_path)]
+    assert bench.main(argv) == 0
+    assert bench.main(argv + ["--strict"]) == 1
+    assert json.loads((tmp_path / bench.BENCH_FILE).read_text())["targets"] == results["targets"]

@@ -98,6 +98,7 @@ class GuardSet:
     deps: dict[Dep, Any] = field(default_factory=dict)
     state: dict[tuple[str, str], Any] = field(default_factory=dict)
     notes: list[Guard] = field(default_factory=list)
+    _grouped: dict | None = field(default=None, repr=False, compare=False)
 
     def holds(self, signature: tuple, inputs: dict[str, Any], model: nn.Module) -> bool:
         return self.first_failure(signature, inputs, model) is None
@@ -116,15 +117,26 @@ class GuardSet:
                 return f"{dep}: {type(error).__name__}"
             if actual != expected:
                 return f"{dep}: {actual!r} != {expected!r}"
-        for (qualname, attr), expected in self.state.items():
+        for qualname, attrs in self.state_by_module.items():
             try:
-                module = model.get_submodule(qualname)
+                module = model.get_submodule(qualname)  # once per module: this runs on every call
             except AttributeError:
                 return f"module {qualname} is gone"
-            actual = _state_token(getattr(module, attr, _MISSING))
-            if actual != expected:
-                return f"{qualname or '<root>'}.{attr}: {actual!r} != {expected!r}"
+            values = module.__dict__
+            for attr, expected in attrs:
+                actual = _state_token(values.get(attr, _MISSING))
+                if actual != expected:
+                    return f"{qualname or '<root>'}.{attr}: {actual!r} != {expected!r}"
         return None
+
+    @property
+    def state_by_module(self) -> dict[str, list[tuple[str, Any]]]:
+        if self._grouped is None:
+            grouped: dict[str, list[tuple[str, Any]]] = {}
+            for (qualname, attr), expected in self.state.items():
+                grouped.setdefault(qualname, []).append((attr, expected))
+            self._grouped = grouped
+        return self._grouped
 
 
 _MISSING = object()
