@@ -20,7 +20,7 @@ from ..errors import TraceError
 from ..matching.matcher import Match, MatchResult, expect_count, find_chain
 from ..matching.pattern import CallView
 from ..rule import Rule, Site, Where
-from ..tracing.guards import Guard, GuardSet, evaluate, snapshot_state, tensor_meta
+from ..tracing.guards import GuardSet, evaluate, snapshot_state, tensor_meta
 from ..tracing.tracer import ConcreteProxy, ExampleTracer, Trace, tensor_names
 from ..tracing.twin import meta_inputs, meta_twin
 

@@ -17,11 +17,9 @@ root can be called from generated code.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import operator
 import os
-import sys
 import time
 import traceback
 from contextlib import contextmanager
@@ -40,7 +38,7 @@ from torch.fx._symbolic_trace import (
 )
 
 from ..errors import TraceError
-from .guards import Dep, Guard
+from .guards import Guard
 from .policy import TracePolicy
 
 _MISSING = object()
