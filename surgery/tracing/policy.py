@@ -71,8 +71,11 @@ class TracePolicy:
 
     def cache_helpers(self, module: nn.Module) -> list[str]:
         """Names of methods of ``module`` (other than ``forward``) that take a cache."""
-        names = []
-        for name, fn in inspect.getmembers(type(module), inspect.isfunction):
-            if name != "forward" and not name.startswith("__") and self.takes_cache(fn):
-                names.append(name)
-        return names
+        return list(_cache_helpers(type(module), self.cache_arguments))
+
+
+@lru_cache(maxsize=None)
+def _cache_helpers(cls: type, cache_arguments: frozenset[str]) -> tuple[str, ...]:
+    # Per class, not per module: a 40-block model would otherwise inspect every block.
+    return tuple(name for name, fn in inspect.getmembers(cls, inspect.isfunction)
+                 if name != "forward" and not name.startswith("__") and cache_arguments & _parameter_names(fn))

@@ -37,7 +37,8 @@ def _clone_module(module: nn.Module, tensor_fn: TensorFn, plain_fn: TensorFn,
                          for k, m in module._modules.items()}
     for key, value in module.__dict__.items():
         if key.endswith("_hooks") or key.endswith("_hooks_with_kwargs") or key == "_forward_hooks_always_called":
-            state[key] = copy.copy(value)
+            # dict.copy is C-level; copy.copy would go through __reduce_ex__ for each of them.
+            state[key] = value.copy() if isinstance(value, dict) else copy.copy(value)
         elif not key.startswith("_") and isinstance(value, torch.Tensor):
             state[key] = plain_fn(value)
     new.__dict__ = state
