@@ -149,14 +149,9 @@ class ModuleCall:
     args: tuple
     kwargs: dict
     output: Any = None
-    first_node: fx.Node | None = None
-    last_node: fx.Node | None = None
     depth: int = 0
     index: int = 0
-    example_args: tuple = ()
-    example_kwargs: dict = field(default_factory=dict)
     nodes: list = field(default_factory=list)
-    replayed_from: str | None = None
 
 
 @dataclass
@@ -164,7 +159,6 @@ class Template:
     """A traced module call that identical later calls replay instead of re-executing."""
 
     call: ModuleCall
-    nested: list
     traced_modules: list[str]
     leaf_calls: dict[str, list[str]]
     notes: int
@@ -390,21 +384,18 @@ class ExampleTracer(fx.Tracer):
         template = self._templates.get(key) if key is not None else None
         if template is not None:
             return self._replay(template, m, qualname, args, kwargs)
-        call = ModuleCall(qualname, m, args, kwargs, depth=len(self.module_stack), index=len(self.calls),
-                          example_args=_concrete(args), example_kwargs=_concrete(kwargs))
+        call = ModuleCall(qualname, m, args, kwargs, depth=len(self.module_stack), index=len(self.calls))
         self.calls.append(call)
         if qualname not in self.traced_modules:
             self.traced_modules.append(qualname)
-        start, deps_before, calls_before = len(self._created), set(self.deps), len(self.calls)
+        start, deps_before = len(self._created), set(self.deps)
         leaf_before = {k: len(v) for k, v in self.leaf_calls.items()}
         notes_before = len(self.notes)
         call.output = super().call_module(m, forward, args, kwargs)
         call.nodes = self._created[start:]
-        call.first_node = call.nodes[0] if call.nodes else None
-        call.last_node = call.nodes[-1] if call.nodes else None
         if key is not None and all(len(d[1]) == 1 for d in self.deps - deps_before if d[0] == "input"):
             # Pure in its inputs' metadata: later identical calls replay this subgraph.
-            self._templates[key] = Template(call, self.calls[calls_before:], self.traced_modules[:],
+            self._templates[key] = Template(call, self.traced_modules[:],
                                             {k: v[leaf_before.get(k, 0):] for k, v in self.leaf_calls.items()},
                                             len(self.notes) - notes_before)
         return call.output
@@ -440,13 +431,9 @@ class ExampleTracer(fx.Tracer):
                     for key, value in stack.items()}
             self._created.append(copy_)
             env[node] = copy_
-        call = ModuleCall(qualname, module, args, kwargs, depth=source.depth, index=len(self.calls),
-                          example_args=_concrete(args), example_kwargs=_concrete(kwargs))
+        call = ModuleCall(qualname, module, args, kwargs, depth=source.depth, index=len(self.calls))
         call.nodes = [env[n] for n in source.nodes]
-        call.first_node = call.nodes[0] if call.nodes else None
-        call.last_node = call.nodes[-1] if call.nodes else None
         call.output = _map_proxies(source.output, lambda p: _clone_proxy(p, env.get(p.node, p.node), self))
-        call.replayed_from = source.qualname
         self.calls.append(call)
         for name in template.traced_modules:
             renamed = retarget(name + ".")[:-1] if name != source.qualname else qualname
@@ -719,12 +706,3 @@ def _collect_object_attrs(root: nn.Module) -> dict[int, str]:
                 continue
             found.setdefault(id(value), f"{qualname}.{key}" if qualname else key)
     return found
-
-
-def _last_node(graph: fx.Graph) -> fx.Node | None:
-    nodes = graph.nodes
-    return None if len(nodes) == 0 else next(iter(reversed(nodes)))
-
-
-def _first_node(graph: fx.Graph) -> fx.Node | None:
-    return next(iter(graph.nodes), None)
