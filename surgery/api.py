@@ -10,6 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import GraftError, OrderError
+from .lora.order import peft_owner
 from .matching.matcher import Match
 from .module import SurgeryState, rewritten_class
 from .rewriting.specialise import add_modules, finish, match, prune_resolved, trace_base
@@ -50,10 +51,10 @@ def check_order(model: nn.Module, rule: Rule) -> None:
     if "_surgery" in model.__dict__:
         raise OrderError(f"the model was already rewritten by rule '{model.__dict__['_surgery'].rule.name}'",
                          f"apply rules to the original base model; {order}")
-    for name, module in model.named_modules():
-        if any(c.__module__.startswith("peft") for c in type(module).__mro__):
-            raise OrderError(f"the model is already LoRA-wrapped ({name or 'root'} is {type(module).__name__}); "
-                             f"{order}", "apply surgery to the base model first, then wrap the result with PEFT")
+    owner = peft_owner(model)
+    if owner is not None:
+        raise OrderError(f"the model is already LoRA-wrapped ({owner[0]} is {owner[1]}); {order}",
+                         "apply surgery to the base model first, then wrap the result with PEFT")
     prefixes = tuple(rule.weight_prefixes)
     carried = [n for n, _ in model.named_parameters() if prefixes and n.startswith(prefixes)]
     if carried:

@@ -28,6 +28,19 @@ def peft_layer_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
 
 
+def peft_owner(model: nn.Module) -> tuple[str, str] | None:
+    """``(name, class)`` of the first PEFT object in ``model`` (the root included), or ``None``."""
+    if not peft_imported():
+        return None
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, (PeftModel, BaseTuner, BaseTunerLayer)):
+            return name or "root", type(module).__name__
+    return None
+
+
 def check_order(model: nn.Module) -> None:
     """Raise :class:`OrderError` if ``model`` is a PEFT model or already has LoRA layers.
 
