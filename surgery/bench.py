@@ -21,11 +21,13 @@ Metrics (medians over ``--repeats`` runs, with min and max, in ``stats``):
   pair are interleaved call by call, the order flipping every call, so load from other
   processes hits both sides alike; process-CPU-time ratios and the ratio of the fastest
   chunks are kept beside the wall-time medians.
-* ``respecialise_s``: the engine's recorded time (``trace_s + rewrite_s``) for the new
-  specialisation a call at a new resolution builds, on the rewritten model built on the
-  meta device (same layers and shapes; exists at every size). First call minus steady
-  call is reported beside it (``respecialise.wall_s``), and the real model's recorded
-  time in ``forward.respecialise``. See :func:`measure_respecialise`.
+* ``respecialise_s``: the dispatcher's recorded time to make a call at a new resolution
+  runnable (guard checks plus either re-deriving the graph's decisions for the new sizes
+  or tracing a new specialisation; ``respecialise.outcome`` says which), on the rewritten
+  model built on the meta device (same layers and shapes; exists at every size). Beside
+  it: what a fresh specialisation for the same call costs (``respecialise.trace_s`` +
+  ``rewrite_s``), first call minus steady call (``wall_s``), and the real model's figure in
+  ``forward.respecialise``. See :func:`measure_respecialise`.
 """
 from __future__ import annotations
 
@@ -560,14 +562,15 @@ def measure_forward(subject: BenchSubject, repeats: int) -> dict[str, Any]:
     # The same new signature on the real model, once: the engine's own timing of that
     # specialisation cross-checks the meta measurement (see measure_respecialise).
     state = rewritten.surgery_state
-    known = set(state.specialisations)
+    built = state.built
     alternate = suite.runner(rewritten, vace=True, alternate=True, prefill=False, calls=1)
     first, _ = _timed(alternate[0], subject.device)
-    new_specs = [spec for key, spec in state.specialisations.items() if key not in known]
+    outcome, seconds = state.last_dispatch
     respecialise = {
         "first_call_s": first,
-        "seconds": sum(spec.trace_s + spec.rewrite_s for spec in new_specs),
-        "new_specialisations": len(new_specs),
+        "seconds": seconds,
+        "outcome": outcome,
+        "new_specialisations": state.built - built,
     }
     return {"on": on, "off": off, "weights": weights, "respecialise": respecialise}
 
@@ -581,15 +584,18 @@ def _call_timed(model: nn.Module, inputs: tuple[tuple, dict], device: torch.devi
 def measure_respecialise(subject: BenchSubject, steady_calls: int = STEADY_CALLS) -> dict[str, Any]:
     """Cost of a call with a new input signature (a new resolution) on the rewritten model.
 
-    ``seconds``: what the engine records for the new specialisation(s), ``trace_s +
-    rewrite_s`` (trace on the meta twin; rewrite and compile). Not included: the guard
-    misses, the match and building the guards (``match_s`` of an apply is ~1-2% of it).
-    ``wall_s``: first call minus the median steady-state call, a cross-check that the
-    recorded phases are the whole cost. It is noisy: a meta call costs seconds of shape
-    propagation in Python, and ``torch.compile``d code recompiles on meta.
+    ``seconds``: the dispatcher's own record for that call (``SurgeryState.last_dispatch``):
+    from entry to a runnable graph, whether it re-derived the cached graph's decisions for
+    the new sizes (``outcome == "rechecked"``) or traced a new one (``"specialised"``).
+    ``trace_s``/``rewrite_s``: a fresh specialisation for the same call, built beside it,
+    which is what the call would cost without the recheck. ``wall_s``: first call minus the
+    median steady-state call, a cross-check that is noisy: a meta call costs seconds of
+    shape propagation in Python, and ``torch.compile``d code recompiles on meta.
     Measured on ``subject`` built on the meta device (same layers and shapes; the engine
     traces on a meta twin whatever the device), so it exists at every size.
     """
+    from .rewriting.specialise import specialise
+
     assert subject.call_inputs is not None
     base = subject.build_base()
     inputs = subject.example_inputs(base)
@@ -599,21 +605,25 @@ def measure_respecialise(subject: BenchSubject, steady_calls: int = STEADY_CALLS
     state = model.surgery_state
     for _ in range(2):  # the initial resolution, warm
         _call_timed(model, subject.call_inputs(model, False), subject.device)
-    known = set(state.specialisations)
+    built = state.built
     inputs = subject.call_inputs(model, True)
     first = _call_timed(model, inputs, subject.device)
+    outcome, seconds = state.last_dispatch
     steady = [_call_timed(model, inputs, subject.device) for _ in range(steady_calls)]
-    new_specs = [spec for key, spec in state.specialisations.items() if key not in known]
+    prepared, positional = state.prepare(model, *inputs)
+    fresh, _, _ = specialise(model, state.base_cls, state.rule, prepared, positional)
     return {
         "device": str(subject.device),
         "apply_s": apply_s,
         "first_call_s": first,
         "steady_call_s": summarise(steady),
-        "seconds": sum(spec.trace_s + spec.rewrite_s for spec in new_specs),
-        "trace_s": sum(spec.trace_s for spec in new_specs),
-        "rewrite_s": sum(spec.rewrite_s for spec in new_specs),
+        "seconds": seconds,
+        "outcome": outcome,
+        "trace_s": fresh.trace_s,
+        "rewrite_s": fresh.rewrite_s,
+        "fresh_specialisation_s": fresh.trace_s + fresh.rewrite_s,
         "wall_s": first - statistics.median(steady),
-        "new_specialisations": len(new_specs),
+        "new_specialisations": state.built - built,
         "specialisations_total": len(state.specialisations),
         "reason": state.reasons[-1] if state.reasons else None,
     }

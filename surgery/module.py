@@ -1,11 +1,13 @@
 """The rewritten model: the input model's class plus a dispatcher over specialised graphs.
 
 Each call is matched against the guards of the cached specialisations (most recent
-first). A call that fits none is traced and rewritten again, never run on a wrong graph.
-The cache is bounded; evictions are counted so leaks show up in reports.
+first). A call with new input sizes reuses a graph when its Python decisions re-derive
+unchanged (``rechecked``); a call that fits none is traced and rewritten again, never run
+on a wrong graph. The cache is bounded; evictions are counted so leaks show up in reports.
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,10 @@ class SurgeryState:
     built: int = 0
     last_misses: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    rechecks: int = 0
+    #: The previous call's dispatch: ``"cached"``, ``"rechecked"`` or ``"specialised"``, and
+    #: the seconds from entry to a runnable graph (guard checks, recheck or new trace).
+    last_dispatch: tuple[str, float] = ("none", 0.0)
     _next_key: int = 0
 
     @property
@@ -50,9 +56,13 @@ class SurgeryState:
         misses = []
         for key in reversed(self.specialisations):
             spec = self.specialisations[key]
+            rechecked = spec.guards.rechecked
             failure = spec.guards.first_failure(signature, inputs, model)
             if failure is None:
                 self.specialisations.move_to_end(key)
+                if spec.guards.rechecked != rechecked:
+                    self.rechecks += 1
+                    self.reasons.append("new input sizes: reused a graph, its decisions re-derived unchanged")
                 return spec
             misses.append(failure)
         self.last_misses = misses
@@ -66,6 +76,14 @@ class SurgeryState:
             self.specialisations.popitem(last=False)
             self.evictions += 1
 
+    def clear(self) -> None:
+        """Drop every cached graph: the next calls trace again (e.g. to see newly injected layers).
+
+        Not needed for correctness: generated code calls modules by name on the live model,
+        so layers swapped in later (PEFT's LoRA wrappers) are used by cached graphs too.
+        """
+        self.specialisations.clear()
+
     def prepare(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str, Any], int]:
         inputs, rule_inputs, positional = self.split(args, kwargs)
         latent = inputs.get(self.latent_input) if self.latent_input else None
@@ -73,12 +91,17 @@ class SurgeryState:
         return inputs, positional
 
     def call(self, model: nn.Module, args: tuple, kwargs: dict) -> Any:
+        started = time.perf_counter()
+        rechecks = self.rechecks
         inputs, positional = self.prepare(model, args, kwargs)
         spec = self.lookup(model, inputs)
+        outcome = "rechecked" if self.rechecks != rechecks else "cached"
         if spec is None:
             spec, _, _ = specialise(model, self.base_cls, self.rule, inputs, positional)
             self.add(spec)
             self.reasons.append("; ".join(self.last_misses) if self.last_misses else "first call")
+            outcome = "specialised"
+        self.last_dispatch = (outcome, time.perf_counter() - started)
         return spec(model, inputs)
 
 

@@ -157,7 +157,7 @@ def test_invalid_vace_layers_at_construction(layers):
         vace.rule(vace_layers=layers, num_layers=4)
 
 
-def test_guards_reuse_and_respecialise():
+def test_guards_reuse_recheck_and_respecialise():
     pipeline = PIPELINES["streamdiffusionv2"]
     base = pipeline.build("tiny", seed=0)
     result = surgery.apply(base, vace.rule(), example_inputs=example_call(base, pipeline, height=64, width=64))
@@ -166,21 +166,52 @@ def test_guards_reuse_and_respecialise():
     run_stream(result.module, pipeline, chunks=3, height=64, width=64, vace_context=ctx)
     built = state.built
     run_stream(result.module, pipeline, chunks=2, height=64, width=64, vace_context=ctx)
-    assert state.built == built  # same signatures: every call reused a cached graph
+    assert state.built == built and state.last_dispatch[0] == "cached"  # same signatures
+    # New sizes: shape arithmetic is in the graph and every Python decision re-derives
+    # unchanged, so the cached graph is reused (and the new sizes remembered).
     run_stream(result.module, pipeline, chunks=1, height=48, width=80, vace_context=_context(pipeline, 48, 80))
-    assert state.built > built and any("(1, 16, 1, 6, 10)" in r or "shape" in r or "!=" in r for r in state.reasons)
+    assert state.built == built and state.rechecks >= 1
+    assert any("re-derived unchanged" in r for r in state.reasons)
+    rechecks = state.rechecks
+    run_stream(result.module, pipeline, chunks=1, height=48, width=80, vace_context=_context(pipeline, 48, 80))
+    assert state.rechecks == rechecks and state.last_dispatch[0] == "cached"
+    # A control clip one frame short flips the rule's own decision (pad the hint tokens): a
+    # new specialisation, and the reason names the decision that differs.
+    model = result.module
+    short = PIPELINES["longlive"]
+    base2 = short.build("tiny", seed=0)
+    result2 = surgery.apply(base2, vace.rule(), example_inputs=example_call(base2, short, height=64, width=64))
+    state2 = result2.module.surgery_state
+    run_stream(result2.module, short, chunks=1, height=64, width=64, vace_context=_context(short, 64, 64))
+    built2 = state2.built
+    run_stream(result2.module, short, chunks=1, height=64, width=64, vace_context=_context(short, 64, 64, frames=2))
+    assert state2.built > built2 and state2.last_dispatch[0] in ("specialised", "cached")
+    assert any("missing" in r and "!= traced" in r for r in state2.reasons), state2.reasons
     kinds = {g.kind for g in result.guards}
     assert {"shape", "input"} <= kinds
     assert any("seq_len" in g.expr for g in result.guards)
 
 
+def test_a_decision_that_changes_with_size_respecialises():
+    # MemFlow reads frame_seqlen with .item(): a new token count per frame is a new graph.
+    pipeline = PIPELINES["memflow"]
+    base = pipeline.build("tiny", seed=0)
+    result = surgery.apply(base, vace.rule(), example_inputs=example_call(base, pipeline, height=32, width=32))
+    state = result.module.surgery_state
+    run_stream(result.module, pipeline, chunks=1, height=32, width=32, vace_context=_context(pipeline, 32, 32))
+    built = state.built
+    run_stream(result.module, pipeline, chunks=1, height=32, width=48, vace_context=_context(pipeline, 32, 48))
+    assert state.built > built
+    assert any(".item()" in r and "!= traced" in r for r in state.reasons)
+
+
 def test_specialisation_cache_is_bounded():
-    pipeline = PIPELINES["longlive"]
+    pipeline = PIPELINES["memflow"]
     base = pipeline.build("tiny", seed=0)
     result = surgery.apply(base, vace.rule(), example_inputs=example_call(base, pipeline, height=32, width=32))
     state = result.module.surgery_state
     state.limit = 2
-    for width in (32, 48, 64, 80):
+    for width in (32, 48, 64, 80):  # 4, 6, 8, 10 tokens per frame: a new frame_seqlen each
         run_stream(result.module, pipeline, chunks=1, height=32, width=width, steps=(1000,))
     assert len(state.specialisations) == 2 and state.evictions >= 2
 

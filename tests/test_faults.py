@@ -248,12 +248,13 @@ def test_one_rule_applied_to_two_models_keeps_them_independent():
     assert torch.equal(run_a(fresh), out_a)
 
 
-# Ten pixel sizes: two more than the default cache limit of 8.
-RESOLUTIONS = [(32, 32), (32, 48), (48, 32), (48, 48), (16, 32), (32, 16), (16, 48), (48, 16), (16, 16), (64, 32)]
+# Ten pixel sizes with ten token counts per frame (MemFlow branches on it with .item(), so
+# each is a new specialisation): two more than the default cache limit of 8.
+RESOLUTIONS = [(16, 16), (16, 32), (16, 48), (32, 32), (16, 80), (32, 48), (16, 112), (32, 64), (48, 48), (32, 80)]
 
 
 def test_respecialisation_cache_is_bounded_evicts_and_frees():
-    pipeline = PIPELINES["streamdiffusionv2"]
+    pipeline = PIPELINES["memflow"]
     model = pipeline.build("tiny", seed=3)
     result = surgery.apply(model, vace.rule(), example_inputs=example_call(model, pipeline))
     module, state = result.module, result.module.surgery_state

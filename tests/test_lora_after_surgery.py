@@ -9,7 +9,7 @@ by *native* name and mapped through the reference's key map.
 
 PEFT changes the module tree after surgery. The rewritten model's graphs resolve module
 paths at call time, so the LoRA layers are picked up by graphs traced before the
-injection; specialisations traced after it (the stream's later passes, a new resolution)
+injection; specialisations traced after it (the stream's later passes, a cleared cache)
 must see through the LoRA wrappers when they match the blocks again.
 """
 from __future__ import annotations
@@ -209,6 +209,7 @@ def test_runtime_peft_exact_regex_disable_and_several_adapters(name, tmp_path):
         set_scales(root, {"default": 0.75, "second": -1.5})
     assert model.get_submodule("blocks.0.ffn.2").active_adapters == ["default", "second"]
     built = model.surgery_state.built
+    model.surgery_state.clear()  # cached graphs would serve RES_B too; trace anew with LoRA in the tree
     ours, theirs = pair.streams(RES_B)
     assert_exact(ours, theirs, "two adapters with scales, new resolution")
     in_graph, _ = fresh_calls(model, built)
@@ -269,9 +270,14 @@ def test_new_resolution_after_lora_then_permanent_merge(name, tmp_path):
     set_lora(model, values, "default")
     set_lora(reference, values, "default", reference=True)
 
-    # The first stream after injection is at a new resolution: every specialisation is traced
-    # with the LoRA layers in place, and calls every target under its own name.
+    # A stream at a new resolution reuses the graphs traced before injection (they call
+    # modules by name, so the LoRA wrappers run): exact.
+    ours, theirs = pair.streams(RES_B)
+    assert_exact(ours, theirs, "new resolution after LoRA injection, cached graphs")
+    # With the cache dropped, every specialisation is traced with the LoRA layers in place,
+    # and calls every target under its own name.
     built = model.surgery_state.built
+    model.surgery_state.clear()
     ours, theirs = pair.streams(RES_B)
     assert_exact(ours, theirs, "new resolution after LoRA injection")
     in_graph, in_leaves = fresh_calls(model, built)

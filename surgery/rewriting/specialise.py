@@ -20,7 +20,8 @@ from ..errors import TraceError
 from ..matching.matcher import Match, MatchResult, expect_count, find_chain
 from ..matching.pattern import CallView
 from ..rule import Rule, Site, Where
-from ..tracing.guards import GuardSet, evaluate, snapshot_state, tensor_meta
+from ..tracing.guards import GuardSet, evaluate, resolve_path, snapshot_state, tensor_kind
+from ..tracing.recheck import ShapeRecheck
 from ..tracing.tracer import ConcreteProxy, ExampleTracer, Trace, tensor_names
 from ..tracing.twin import meta_inputs, meta_twin
 
@@ -29,7 +30,7 @@ def input_kind(value: Any) -> tuple:
     if value is None:
         return ("none",)
     if isinstance(value, torch.Tensor):
-        return ("tensor",) + tensor_meta(value)
+        return ("tensor",) + tensor_kind(value)  # sizes: see GuardSet.shapes
     return (type(value).__name__,)
 
 
@@ -171,14 +172,22 @@ def finish(model: nn.Module, tracer: ExampleTracer, trace: Trace, result: MatchR
     for node in trace.graph.nodes:
         if node not in before and "surgery" not in node.meta:
             node.meta["surgery"] = {"rule": rule.name, "role": "branch", "index": None}
+    # Before pruning: the nodes that only fed Python decisions are what a recheck evaluates.
+    recheck = ShapeRecheck(trace.graph, tracer.concretised, tracer.calls, twin) \
+        if tracer.shape_specific is None else None
     prune_resolved(trace.graph)
     code, fn = compile_graph(trace.graph)
     rewrite_s = time.perf_counter() - started
+    shaped = sorted({dep[1] for dep in tracer.deps if dep[0] == "input" and dep[2] == "meta"
+                     and isinstance(resolve_path(inputs, dep[1]), torch.Tensor)})
     guards = GuardSet(
         signature=call_signature(inputs),
         deps={dep: evaluate(dep, inputs, model) for dep in tracer.deps},
         state=snapshot_state(model, [""] + tracer.traced_modules),
         notes=list(tracer.notes),
+        shapes={path: tuple(resolve_path(inputs, path).shape) for path in shaped},
+        recheck=recheck,
+        shape_specific=tracer.shape_specific,
     )
     return Specialisation(guards, trace.graph, code, fn, list(trace.inputs), result.matches, trace_s, rewrite_s,
                           dict(tracer.leaf_calls))

@@ -4,11 +4,17 @@ The tracer resolves Python control flow from example values. Each resolution dep
 input properties (a tensor's shape, a scalar's value, a container's length) or on model
 state (a parameter's device, a plain attribute's value). A :class:`GuardSet` records those
 properties with their values; a call may reuse the graph only when all of them hold.
+
+Input shapes are the exception. Shape arithmetic is recorded in the graph, so a graph
+traced at one resolution is right at another unless a Python decision changes. For a call
+whose shapes differ, the decisions themselves are re-derived on meta tensors
+(:mod:`.recheck`) and compared, instead of assuming every shape change needs a new trace.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -31,6 +37,25 @@ def tensor_meta(t: torch.Tensor) -> tuple:
     return (tuple(t.shape), t.dtype, t.device.type, t.device.index)
 
 
+def tensor_kind(t: torch.Tensor) -> tuple:
+    """Everything of a tensor's metadata except its sizes (those are checked by re-derivation)."""
+    return (t.dim(), t.dtype, t.device.type, t.device.index)
+
+
+def structure(value: Any) -> Any:
+    """The nesting of a ``.tolist()`` result: list lengths, with the numbers left out."""
+    if isinstance(value, list):
+        return tuple(structure(v) for v in value)
+    return None
+
+
+#: How a traced node's value became the Python value the model's code branched on.
+CONVERSIONS: dict[str, Callable[[Any], Any]] = {
+    "bool": bool, "int": int, "float": float, "index": operator.index, "len": len,
+    "item": lambda value: value.item(), "structure": structure,
+}
+
+
 def resolve_path(inputs: dict[str, Any], path: tuple) -> Any:
     value = inputs[path[0]]
     for key in path[1:]:
@@ -46,7 +71,9 @@ def evaluate(dep: Dep, inputs: dict[str, Any], model: nn.Module) -> Any:
     else:
         value = resolve_path(inputs, where)
     if kind == "meta":
-        return tensor_meta(value) if isinstance(value, torch.Tensor) else ("not-a-tensor", type(value))
+        if not isinstance(value, torch.Tensor):
+            return ("not-a-tensor", type(value))
+        return tensor_meta(value) if source == "param" else tensor_kind(value)
     if kind == "len":
         return len(value)
     if kind == "value":
@@ -90,14 +117,28 @@ def _state_token(value: Any) -> Any:
     return ("id", id(value))
 
 
+def shape_key(paths: Iterable[tuple], inputs: dict[str, Any]) -> tuple:
+    return tuple(tuple(resolve_path(inputs, path).shape) for path in paths)
+
+
 @dataclass
 class GuardSet:
-    """Everything a call must satisfy to reuse one specialised graph."""
+    """Everything a call must satisfy to reuse one specialised graph.
+
+    ``shapes`` are the traced sizes of the inputs whose metadata Python read. A call with
+    other sizes is accepted when ``recheck`` re-derives every decision unchanged (the
+    accepted sizes are remembered); ``shape_specific`` says why a graph has no recheck.
+    """
 
     signature: tuple
     deps: dict[Dep, Any] = field(default_factory=dict)
     state: dict[tuple[str, str], Any] = field(default_factory=dict)
     notes: list[Guard] = field(default_factory=list)
+    shapes: dict[tuple, tuple] = field(default_factory=dict)
+    recheck: Any = None  # a surgery.tracing.recheck.ShapeRecheck
+    shape_specific: str | None = None
+    accepted: set = field(default_factory=set, repr=False, compare=False)
+    rechecked: int = 0
     _grouped: dict | None = field(default=None, repr=False, compare=False)
 
     def holds(self, signature: tuple, inputs: dict[str, Any], model: nn.Module) -> bool:
@@ -127,7 +168,24 @@ class GuardSet:
                 actual = _state_token(values.get(attr, _MISSING))
                 if actual != expected:
                     return f"{qualname or '<root>'}.{attr}: {actual!r} != {expected!r}"
-        return None
+        return self._shapes_failure(inputs, model)
+
+    def _shapes_failure(self, inputs: dict[str, Any], model: nn.Module) -> str | None:
+        if not self.shapes:
+            return None
+        try:
+            key = shape_key(self.shapes, inputs)
+        except (KeyError, IndexError, TypeError, AttributeError) as error:
+            return f"input shapes: {type(error).__name__}"
+        if key == tuple(self.shapes.values()) or key in self.accepted:
+            return None
+        if self.recheck is None:
+            return f"input shapes {key} != {tuple(self.shapes.values())} ({self.shape_specific})"
+        failure = self.recheck.first_failure(inputs, model)
+        if failure is None:
+            self.accepted.add(key)
+            self.rechecked += 1
+        return failure
 
     @property
     def state_by_module(self) -> dict[str, list[tuple[str, Any]]]:

@@ -38,14 +38,14 @@ from torch.fx._symbolic_trace import (
 )
 
 from ..errors import TraceError
-from .guards import Guard
+from .guards import Guard, structure
 from .policy import TracePolicy
 
 _MISSING = object()
 _META_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout", "is_floating_point"})
 _META_METHODS = frozenset({"size", "dim", "numel", "nelement", "get_device", "is_floating_point",
                            "is_complex", "element_size"})
-_CONCRETISING_METHODS = frozenset({"item", "tolist"})
+_CONCRETISING_METHODS = frozenset({"item"})
 _FACTORIES = ("tensor", "as_tensor", "arange", "zeros", "ones", "empty", "full", "linspace", "eye")
 _ENGINE_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                 os.path.dirname(os.path.abspath(torch.__file__)))
@@ -76,13 +76,13 @@ class ConcreteProxy(fx.Proxy):
         return self.tracer.concretise_length(self)
 
     def __index__(self) -> int:
-        return self.tracer.concretise(self, operator.index(self.concrete), "index")
+        return self.tracer.concretise(self, operator.index(self.concrete), "index", "index")
 
     def __int__(self) -> int:
-        return self.tracer.concretise(self, int(self.concrete), "int()")
+        return self.tracer.concretise(self, int(self.concrete), "int()", "int")
 
     def __float__(self) -> float:
-        return self.tracer.concretise(self, float(self.concrete), "float()")
+        return self.tracer.concretise(self, float(self.concrete), "float()", "float")
 
     def __repr__(self) -> str:
         return f"ConcreteProxy({self.node.name})"
@@ -152,6 +152,7 @@ class ModuleCall:
     depth: int = 0
     index: int = 0
     nodes: list = field(default_factory=list)
+    template: "ModuleCall | None" = None  # the traced call this one replays
 
 
 @dataclass
@@ -162,6 +163,21 @@ class Template:
     traced_modules: list[str]
     leaf_calls: dict[str, list[str]]
     notes: int
+    concretised: int = 0
+
+
+@dataclass
+class Concretisation:
+    """One value Python took from the example: the node it came from and how it was read.
+
+    ``convert`` names the conversion (see :data:`surgery.tracing.guards.CONVERSIONS`), so a
+    call with new input shapes can re-derive the value from the same node and compare.
+    """
+
+    node: fx.Node
+    convert: str
+    value: Any
+    guard: Guard
 
 
 @dataclass
@@ -177,6 +193,8 @@ class Trace:
     traced_modules: list[str]
     leaf_calls: dict[str, list[str]]
     seconds: float
+    concretised: list[Concretisation] = field(default_factory=list)
+    shape_specific: str | None = None
 
 
 def user_frame() -> tuple[str, int, str]:
@@ -213,6 +231,9 @@ class ExampleTracer(fx.Tracer):
         self._created: list[fx.Node] = []
         self._templates: dict[tuple, Template] = {}
         self._object_attrs: dict[int, str] = {}
+        self.concretised: list[Concretisation] = []
+        # Why this trace cannot be reused for other input shapes (None: it can).
+        self.shape_specific: str | None = None
 
     # ----- proxies -----------------------------------------------------------------
     def proxy(self, node: fx.Node) -> ConcreteProxy:
@@ -231,7 +252,9 @@ class ExampleTracer(fx.Tracer):
         if kind == "call_method" and target in _CONCRETISING_METHODS:
             receiver = args[0]
             value = getattr(receiver.concrete, target)(*_concrete(args[1:]), **_concrete(kwargs))
-            return self.concretise(receiver, value, f".{target}()")
+            return self.concretise(receiver, value, f".{target}()", target)
+        if kind == "call_method" and target == "tolist" and isinstance(args[0], ConcreteProxy) and not args[0].tainted:
+            return self._symbolic_list(super().create_proxy(kind, target, args, kwargs, name, type_expr), args)
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr)
         if kind == "placeholder":
             return proxy
@@ -249,6 +272,23 @@ class ExampleTracer(fx.Tracer):
                 value = _MISSING
         self._propagate(proxy, kind, target, args, kwargs, value)
         return proxy
+
+    def _symbolic_list(self, proxy: ConcreteProxy, args: tuple) -> Any:
+        """``.tolist()`` of a shape-derived tensor: Python lists of proxies, not constants.
+
+        Only the nesting (the tensor's shape) is guarded, so ``view(*grid)`` and
+        ``math.prod(grid)`` stay graph arithmetic and a new resolution needs no new trace.
+        """
+        value = args[0].concrete.tolist()
+        self._propagate(proxy, "call_method", "tolist", args, {}, value)
+        self.concretise(proxy, structure(value), ".tolist() nesting", "structure")
+
+        def expand(item: ConcreteProxy, concrete: Any) -> Any:
+            if not isinstance(concrete, list):
+                return item
+            return [expand(item[i], element) for i, element in enumerate(concrete)]
+
+        return expand(proxy, value)
 
     def _run_leaf(self, target: str, args: tuple, kwargs: dict) -> Any:
         module = self.root.get_submodule(target)
@@ -321,7 +361,7 @@ class ExampleTracer(fx.Tracer):
         return proxy
 
     # ----- where Python needs a value --------------------------------------------------
-    def concretise(self, proxy: ConcreteProxy, value: Any, how: str) -> Any:
+    def concretise(self, proxy: ConcreteProxy, value: Any, how: str, convert: str) -> Any:
         filename, lineno, line = user_frame()
         where = f"{_short(filename)}:{lineno}"
         if proxy.tainted:
@@ -335,7 +375,9 @@ class ExampleTracer(fx.Tracer):
         kind = "input" if any(d[2] == "value" for d in deps) else (
             "shape" if any(d[0] == "input" for d in deps) else "state")
         shown = value if not isinstance(value, (list, tuple)) or len(value) <= 8 else f"{type(value).__name__}[{len(value)}]"
-        self.notes.append(Guard(kind, line or how, repr(shown), where))
+        guard = Guard(kind, line or how, repr(shown), where)
+        self.notes.append(guard)
+        self.concretised.append(Concretisation(proxy.node, convert, value, guard))
         return value
 
     def concretise_length(self, proxy: ConcreteProxy) -> int:
@@ -346,14 +388,16 @@ class ExampleTracer(fx.Tracer):
         elif proxy.path is not None:
             extra = frozenset({("input", proxy.path, "len")})
         else:
-            return self.concretise(proxy, value, "len()")
+            return self.concretise(proxy, value, "len()", "len")
         filename, lineno, line = user_frame()
         self.deps |= extra
-        self.notes.append(Guard("shape", line or "len()", repr(value), f"{_short(filename)}:{lineno}"))
+        guard = Guard("shape", line or "len()", repr(value), f"{_short(filename)}:{lineno}")
+        self.notes.append(guard)
+        self.concretised.append(Concretisation(proxy.node, "len", value, guard))
         return value
 
     def to_bool(self, obj: fx.Proxy) -> bool:
-        return self.concretise(obj, bool(obj.concrete), "a truth value")
+        return self.concretise(obj, bool(obj.concrete), "a truth value", "bool")
 
     def iter(self, obj: fx.Proxy) -> Iterator:
         length = self.concretise_length(obj)
@@ -390,14 +434,15 @@ class ExampleTracer(fx.Tracer):
             self.traced_modules.append(qualname)
         start, deps_before = len(self._created), set(self.deps)
         leaf_before = {k: len(v) for k, v in self.leaf_calls.items()}
-        notes_before = len(self.notes)
+        notes_before, concretised_before = len(self.notes), len(self.concretised)
         call.output = super().call_module(m, forward, args, kwargs)
         call.nodes = self._created[start:]
         if key is not None and all(len(d[1]) == 1 for d in self.deps - deps_before if d[0] == "input"):
             # Pure in its inputs' metadata: later identical calls replay this subgraph.
             self._templates[key] = Template(call, self.traced_modules[:],
                                             {k: v[leaf_before.get(k, 0):] for k, v in self.leaf_calls.items()},
-                                            len(self.notes) - notes_before)
+                                            len(self.notes) - notes_before,
+                                            len(self.concretised) - concretised_before)
         return call.output
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
@@ -408,6 +453,10 @@ class ExampleTracer(fx.Tracer):
     def _replay(self, template: "Template", module: nn.Module, qualname: str, args: tuple, kwargs: dict) -> Any:
         """Copy a template call's subgraph for an identical module at another path."""
         source = template.call
+        if template.concretised and self.shape_specific is None:
+            # The copy repeats decisions taken for the template's inputs; only equal
+            # input metadata makes them right, so this trace is tied to its shapes.
+            self.shape_specific = f"{qualname} replays {source.qualname}, whose Python branched on its inputs"
         env: dict[fx.Node, fx.Node] = {}
         for old, new in zip(_proxies((source.args, source.kwargs)), _proxies((args, kwargs))):
             env[old.node] = new.node
@@ -431,7 +480,8 @@ class ExampleTracer(fx.Tracer):
                     for key, value in stack.items()}
             self._created.append(copy_)
             env[node] = copy_
-        call = ModuleCall(qualname, module, args, kwargs, depth=source.depth, index=len(self.calls))
+        call = ModuleCall(qualname, module, args, kwargs, depth=source.depth, index=len(self.calls),
+                          template=source.template or source)
         call.nodes = [env[n] for n in source.nodes]
         call.output = _map_proxies(source.output, lambda p: _clone_proxy(p, env.get(p.node, p.node), self))
         self.calls.append(call)
@@ -487,7 +537,8 @@ class ExampleTracer(fx.Tracer):
             self.create_node("output", "output", (self.create_arg(output),), {})
         inputs_nodes = {n: p.node for n, p in proxies.items() if p is not None}
         return Trace(self.graph, root_proxy.node, inputs_nodes, self.calls, set(self.deps), list(self.notes),
-                     list(self.traced_modules), dict(self.leaf_calls), time.perf_counter() - started)
+                     list(self.traced_modules), dict(self.leaf_calls), time.perf_counter() - started,
+                     self.concretised, self.shape_specific)
 
     @contextmanager
     def patched(self, fn: Any = None) -> Iterator[None]:

@@ -1,0 +1,200 @@
+"""Re-deriving a trace's Python decisions for inputs of new shapes, on meta tensors.
+
+A specialised graph records shape arithmetic as nodes, so it computes the right sizes at
+any resolution. What it freezes are the values Python took from the example (a loop
+count, an ``if``, a ``.tolist()`` nesting): each one is a :class:`Concretisation` on a
+node. For a call whose input sizes differ from the trace, :class:`ShapeRecheck` evaluates
+only those nodes' ancestors, on the meta twin with meta copies of the inputs, and compares
+every value with the traced one. Equal values mean a fresh trace would take the same
+branches and so build the same graph; the specialisation is reused.
+
+The decisions at the end of the model (``for u in x`` over the head's output) depend on
+every block. Identical blocks are replays of one template, so an instance whose inputs
+have the metadata an earlier instance of the same template had gets that instance's output
+metadata without running again: the recheck runs one block per template, not thirty.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .guards import CONVERSIONS
+from .tracer import Concretisation, ModuleCall
+from .twin import meta_inputs
+
+
+class _Unkeyable(Exception):
+    pass
+
+
+def _meta_key(value: Any) -> Any:
+    """Everything an op's output metadata can depend on, for one input value."""
+    if isinstance(value, torch.Tensor):
+        head = ("t", tuple(value.shape), tuple(value.stride()), value.dtype, value.device.type)
+        if value.device.type != "meta" and not value.is_floating_point() and value.numel() <= 64:
+            return head + (tuple(value.flatten().tolist()),)  # real cache indices: values matter
+        if value.device.type != "meta":
+            raise _Unkeyable
+        return head
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_meta_key(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _meta_key(v)) for k, v in value.items()))
+    if isinstance(value, nn.Module):
+        return ("module", id(value))
+    if isinstance(value, (bool, int, float, str, type(None), torch.dtype, torch.device, slice)):
+        return ("v", type(value).__name__, repr(value))
+    raise _Unkeyable
+
+
+@dataclass
+class _Instance:
+    """One call of a replayed template, as a contiguous group of graph nodes."""
+
+    group: int
+    nodes: list[fx.Node]
+    externals: list[tuple[int, fx.Node]]  # (position among the externals, node) that the slice needs
+    outputs: list[tuple[int, fx.Node]]  # (position in ``nodes``, node) used after the call
+
+
+def _ancestors(targets: Iterable[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(targets)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(node.all_input_nodes)
+    return seen
+
+
+def _instances(calls: Sequence[ModuleCall], needed: set[fx.Node]) -> dict[fx.Node, list[_Instance]]:
+    groups: dict[int, list[ModuleCall]] = {}
+    for call in calls:
+        source = call.template or call
+        groups.setdefault(id(source), []).append(call)
+    starts: dict[fx.Node, list[_Instance]] = {}
+    for group, members in groups.items():
+        if len(members) < 2:
+            continue
+        for call in members:
+            if not call.nodes:
+                continue
+            inside = set(call.nodes)
+            externals: list[fx.Node] = []
+            for node in call.nodes:
+                for arg in node.all_input_nodes:
+                    if arg not in inside and arg not in externals:
+                        externals.append(arg)
+            outputs = [(i, n) for i, n in enumerate(call.nodes) if n in needed and any(u not in inside for u in n.users)]
+            instance = _Instance(group, call.nodes, [(i, n) for i, n in enumerate(externals) if n in needed], outputs)
+            starts.setdefault(call.nodes[0], []).append(instance)
+    for found in starts.values():
+        found.sort(key=lambda inst: -len(inst.nodes))  # the outermost call first
+    return starts
+
+
+class ShapeRecheck:
+    """The slice of a specialised graph that re-derives its concretised values."""
+
+    def __init__(self, graph: fx.Graph, concretised: Sequence[Concretisation], calls: Sequence[ModuleCall],
+                 twin: nn.Module) -> None:
+        self.concretised = list(concretised)
+        needed = _ancestors(c.node for c in self.concretised)
+        # Pruning erases the nodes that only fed decisions and clears their arguments, so
+        # each step keeps its own copy of what it computes from.
+        self.steps = [_Step(node, node.op, node.target, node.args, node.kwargs)
+                      for node in graph.nodes if node in needed]
+        self.starts = _instances(calls, needed)
+        self.twin = twin
+
+    def first_failure(self, inputs: dict[str, Any], model: nn.Module) -> str | None:
+        """``None`` if every concretised value comes out as traced, else the first that differs.
+
+        Values are compared as soon as they are computed, so a changed decision is named
+        before the ops behind it (which assumed the old branch) fail on the new shapes.
+        """
+        checks: dict[fx.Node, list[Concretisation]] = {}
+        for item in self.concretised:
+            checks.setdefault(item.node, []).append(item)
+        metas = meta_inputs(inputs)
+        env: dict[fx.Node, Any] = {}
+        seen: dict[tuple, _Instance] = {}
+        skip: set[fx.Node] = set()
+        with torch.no_grad():
+            for step in self.steps:
+                node = step.node
+                if node in skip:
+                    continue
+                for instance in self.starts.get(node, ()):
+                    if self._reuse(instance, env, seen):
+                        skip.update(instance.nodes)
+                        break
+                if node in skip:
+                    continue
+                try:
+                    env[node] = step.run(env, metas, self.twin)
+                except Exception as error:  # the new shapes break an op the old branch chose
+                    return f"re-deriving the traced decisions failed at {node.name} ({type(error).__name__}: " \
+                           f"{str(error).splitlines()[0] if str(error) else ''})"
+                for item in checks.pop(node, ()):
+                    try:
+                        actual = CONVERSIONS[item.convert](env[node])
+                    except Exception as error:
+                        return f"`{item.guard.expr}` at {item.guard.where}: {type(error).__name__}"
+                    if actual != item.value:
+                        return f"`{item.guard.expr}` at {item.guard.where}: {actual!r} != traced {item.value!r}"
+        if checks:
+            item = next(iter(checks.values()))[0]
+            return f"`{item.guard.expr}` at {item.guard.where}: not re-derived"
+        return None
+
+    @staticmethod
+    def _reuse(instance: _Instance, env: dict, seen: dict) -> bool:
+        """Take ``instance``'s outputs from an earlier instance with the same input metadata."""
+        try:
+            key = (instance.group, tuple((i, _meta_key(env[n])) for i, n in instance.externals))
+        except (_Unkeyable, KeyError):
+            return False
+        earlier = seen.setdefault(key, instance)
+        if earlier is instance or any(earlier.nodes[i] not in env for i, _ in instance.outputs):
+            return False
+        for i, node in instance.outputs:
+            env[node] = env[earlier.nodes[i]]
+        return True
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
+
+
+@dataclass(frozen=True)
+class _Step:
+    node: fx.Node
+    op: str
+    target: Any
+    args: tuple
+    kwargs: dict
+
+    def run(self, env: dict, inputs: dict[str, Any], twin: nn.Module) -> Any:
+        if self.op == "placeholder":
+            return twin if self.target == "root" else inputs[self.target]
+        if self.op == "get_attr":
+            return _fetch(twin, self.target)
+        args = fx.node.map_arg(self.args, env.__getitem__)
+        kwargs = fx.node.map_arg(self.kwargs, env.__getitem__)
+        if self.op == "call_function":
+            return self.target(*args, **kwargs)
+        if self.op == "call_method":
+            return getattr(args[0], self.target)(*args[1:], **kwargs)
+        if self.op == "call_module":
+            return twin.get_submodule(self.target)(*args, **kwargs)
+        raise ValueError(f"cannot re-derive a {self.op} node")
