@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from surgery.errors import CallError, RuleError
-from surgery.grafting.build import allocate, rebuild_like, zero_linear
+from surgery.grafting.build import allocate, rebuild_like, skipped_init, zero_linear
 from surgery.matching.pattern import ATTENTION_BLOCK
 from surgery.rule import GraftContext, Rule, Site, Where
 from surgery.tracing.policy import TracePolicy
@@ -106,7 +106,7 @@ def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_la
                             f"(found {type(embedder).__name__})", "VACE needs a Wan-style patch embedding")
         weight = embedder.weight
         dim = embedder.out_channels
-        with torch.device("meta"):
+        with torch.device("meta"), skipped_init():
             conv = type(embedder)(vace_in_dim, dim, kernel_size=embedder.kernel_size, stride=embedder.stride)
         conv = _allocate_like(conv, weight, context.init)
         count = len(resolved(len(context.matches)))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -30,7 +30,11 @@ class Grafted:
 
 @dataclass
 class ApplyResult:
-    """What :func:`apply` returns. ``module`` is the input model itself after a dry run."""
+    """What :func:`apply` returns. ``module`` is the input model itself after a dry run.
+
+    ``base_graph`` (the traced graph before the rule's actions, for reports and diffs) is
+    rebuilt from ``graph`` on first access, so surgery itself never copies a graph.
+    """
 
     module: nn.Module
     rule: Rule
@@ -39,10 +43,17 @@ class ApplyResult:
     grafted: list[Grafted]
     guards: list[Guard]
     graph: fx.Graph | None
-    base_graph: fx.Graph
+    base_graph_source: Callable[[], fx.Graph] = field(repr=False)
     timings: dict[str, float] = field(default_factory=dict)
     leaf_calls: dict[str, list[str]] = field(default_factory=dict)
     dry_run: bool = False
+    _base_graph: fx.Graph | None = field(default=None, repr=False)
+
+    @property
+    def base_graph(self) -> fx.Graph:
+        if self._base_graph is None:
+            self._base_graph = self.base_graph_source()
+        return self._base_graph
 
 
 def check_order(model: nn.Module, rule: Rule) -> None:
@@ -112,8 +123,6 @@ def apply(model: nn.Module, rule: Rule, *, example_inputs: tuple[tuple, dict], d
     t0 = time.perf_counter()
     tracer, trace, twin = trace_base(new, type(model), rule, inputs,
                                      [n for n in inputs if n not in rule.inputs], positional)
-    base_graph = _copy_graph(trace.graph)
-    prune_resolved(base_graph)
     trace_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = match(trace, twin, rule, new)
@@ -122,9 +131,10 @@ def apply(model: nn.Module, rule: Rule, *, example_inputs: tuple[tuple, dict], d
     state.latent_input = latent_name
     timings = {"trace_s": trace_s, "match_s": match_s}
     if dry_run:
+        prune_resolved(trace.graph)  # nothing rewrites it: it is the base graph
         timings["apply_s"] = time.perf_counter() - started
         return ApplyResult(model, rule, type(model).__name__, result.matches, [], list(trace.notes), None,
-                           base_graph, timings, dict(trace.leaf_calls), dry_run=True)
+                           lambda: trace.graph, timings, dict(trace.leaf_calls), dry_run=True)
 
     t0 = time.perf_counter()
     grafted, modules = _graft(new, rule, result.matches, embedder_path, graft_init)
@@ -137,15 +147,7 @@ def apply(model: nn.Module, rule: Rule, *, example_inputs: tuple[tuple, dict], d
     timings["rewrite_s"] = time.perf_counter() - t0
     timings["apply_s"] = time.perf_counter() - started
     return ApplyResult(new, rule, type(model).__name__, spec.matches, grafted, list(spec.guards.notes), spec.graph,
-                       base_graph, timings, spec.leaf_calls)
-
-
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    copy = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for node in graph.nodes:
-        env[node] = copy.node_copy(node, lambda n: env[n])
-    return copy
+                       spec.base_graph, timings, spec.leaf_calls)
 
 
 def _latent_name(inputs: dict[str, Any]) -> str | None:

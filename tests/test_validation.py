@@ -12,6 +12,7 @@ import operator
 
 import pytest
 import torch
+import torch.fx as fx
 
 import surgery
 from examples import PIPELINE_MODULES, PIPELINES
@@ -19,7 +20,6 @@ from examples.driver import example_call
 from examples.reference import random_vace_state_dict
 from examples.validation import validation_harness
 from rules import vace
-from surgery.api import _copy_graph
 from surgery.errors import InputError
 from surgery.validation import (
     TOLERANCES,
@@ -104,6 +104,13 @@ def test_wrong_hint_scale_fails_vace_on_and_scales():
     assert not scales.passed and scales.max_abs_diff > 0.0
     assert "scale=0:" in scales.detail and "scale=0: 0 over" in scales.detail  # a silenced branch still agrees
     assert cases["vace-off"].run().passed
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    copy, env = fx.Graph(), {}
+    for node in graph.nodes:
+        env[node] = copy.node_copy(node, env.__getitem__)
+    return copy
 
 
 def _first_inject_add(graph):

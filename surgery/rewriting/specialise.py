@@ -51,6 +51,11 @@ class Specialisation:
     trace_s: float
     rewrite_s: float
     leaf_calls: dict[str, list[str]] = field(default_factory=dict)
+    replaced: dict[fx.Node, fx.Node] = field(default_factory=dict)  # injected value -> the value it replaced
+
+    def base_graph(self) -> fx.Graph:
+        """The graph as traced, before the rule's actions (see :func:`without_rule`)."""
+        return without_rule(self.graph, self.replaced)
 
     def __call__(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
         return self.fn(model, model, *[inputs[name] for name in self.input_names])
@@ -96,10 +101,12 @@ def _site(view: CallView, match_: Match, stream: Any, tracer: ExampleTracer, rul
     return Site(match_, stream, arguments, required, rule_inputs, twin, scratch)
 
 
-def rewrite(tracer: ExampleTracer, trace: Trace, result: MatchResult, rule: Rule, twin: nn.Module) -> None:
-    """Apply the rule's actions to the traced graph, in place."""
+def rewrite(tracer: ExampleTracer, trace: Trace, result: MatchResult, rule: Rule,
+            twin: nn.Module) -> dict[fx.Node, fx.Node]:
+    """Apply the rule's actions to the traced graph, in place; returns replacement -> replaced."""
     graph = trace.graph
     scratch: dict[str, Any] = {}
+    replaced: dict[fx.Node, fx.Node] = {}
     for where, action in rule.actions:
         if where is Where.BEFORE_FIRST:
             view, match_ = result.views[0], result.matches[0]
@@ -119,9 +126,25 @@ def rewrite(tracer: ExampleTracer, trace: Trace, result: MatchResult, rule: Rule
                 for node in created:
                     node.meta.setdefault("surgery", {"rule": rule.name, "role": "inject", "index": match_.hint_index})
                 view.stream_out.replace_all_uses_with(replacement.node, delete_user_cb=lambda user: user not in created)
+                replaced[replacement.node] = view.stream_out
         else:  # pragma: no cover - enum is closed
             raise TraceError(f"unknown action position {where}")
     graph.lint()
+    return replaced
+
+
+def without_rule(graph: fx.Graph, replaced: dict[fx.Node, fx.Node]) -> fx.Graph:
+    """A copy of ``graph`` without the nodes a rule added, every injected value's uses given
+    back to the value it replaced: the base graph, rebuilt only when a report asks for it."""
+    copy = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        if node in replaced:
+            env[node] = env[replaced[node]]
+        elif "surgery" not in node.meta:
+            env[node] = copy.node_copy(node, env.__getitem__)
+    prune_resolved(copy)  # values only the rule's nodes read
+    return copy
 
 
 def prune_resolved(graph: fx.Graph) -> int:
@@ -168,7 +191,7 @@ def finish(model: nn.Module, tracer: ExampleTracer, trace: Trace, result: MatchR
     """Apply the rule's actions to a traced, matched graph, compile it and record its guards."""
     started = time.perf_counter()
     before = set(trace.graph.nodes)
-    rewrite(tracer, trace, result, rule, twin)
+    replaced = rewrite(tracer, trace, result, rule, twin)
     for node in trace.graph.nodes:
         if node not in before and "surgery" not in node.meta:
             node.meta["surgery"] = {"rule": rule.name, "role": "branch", "index": None}
@@ -190,7 +213,7 @@ def finish(model: nn.Module, tracer: ExampleTracer, trace: Trace, result: MatchR
         shape_specific=tracer.shape_specific,
     )
     return Specialisation(guards, trace.graph, code, fn, list(trace.inputs), result.matches, trace_s, rewrite_s,
-                          dict(tracer.leaf_calls))
+                          dict(tracer.leaf_calls), replaced)
 
 
 def add_modules(tracer: ExampleTracer, twin: nn.Module, modules: dict[str, nn.Module]) -> None:

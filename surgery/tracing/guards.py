@@ -13,6 +13,7 @@ whose shapes differ, the decisions themselves are re-derived on meta tensors
 from __future__ import annotations
 
 import operator
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -140,6 +141,7 @@ class GuardSet:
     accepted: set = field(default_factory=set, repr=False, compare=False)
     rechecked: int = 0
     _grouped: dict | None = field(default=None, repr=False, compare=False)
+    _unchanged: "UnchangedState | None" = field(default=None, repr=False, compare=False)
 
     def holds(self, signature: tuple, inputs: dict[str, Any], model: nn.Module) -> bool:
         return self.first_failure(signature, inputs, model) is None
@@ -158,9 +160,15 @@ class GuardSet:
                 return f"{dep}: {type(error).__name__}"
             if actual != expected:
                 return f"{dep}: {actual!r} != {expected!r}"
+        failure = self._state_failure(model)
+        return failure if failure is not None else self._shapes_failure(inputs, model)
+
+    def _state_failure(self, model: nn.Module) -> str | None:
+        if self._unchanged is not None and self._unchanged.holds(model):
+            return None
         for qualname, attrs in self.state_by_module.items():
             try:
-                module = model.get_submodule(qualname)  # once per module: this runs on every call
+                module = model.get_submodule(qualname)
             except AttributeError:
                 return f"module {qualname} is gone"
             values = module.__dict__
@@ -168,7 +176,8 @@ class GuardSet:
                 actual = _state_token(values.get(attr, _MISSING))
                 if actual != expected:
                     return f"{qualname or '<root>'}.{attr}: {actual!r} != {expected!r}"
-        return self._shapes_failure(inputs, model)
+        self._unchanged = UnchangedState(model, self.state_by_module)
+        return None
 
     def _shapes_failure(self, inputs: dict[str, Any], model: nn.Module) -> str | None:
         if not self.shapes:
@@ -198,3 +207,57 @@ class GuardSet:
 
 
 _MISSING = object()
+
+
+class UnchangedState:
+    """A snapshot that proves, by identity alone, that the checked state has not changed.
+
+    Comparing every traced module's plain attributes by value costs milliseconds per call
+    at full model size (hundreds of modules). After a full check passes, this keeps the
+    module objects (and each parent-to-child link, so a swapped submodule is seen) and the
+    attribute objects themselves: if the same objects are still in place the values are
+    the same. Any difference, even an equal value in a new object, falls back to the full
+    check, which then takes a new snapshot.
+    """
+
+    def __init__(self, model: nn.Module, state_by_module: dict[str, list[tuple[str, Any]]]) -> None:
+        self.model = weakref.ref(model)
+        links: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
+        self.attributes: list[tuple[nn.Module, Callable[[dict], tuple], tuple]] = []
+        for qualname, attrs in state_by_module.items():
+            module = model
+            for atom in qualname.split(".") if qualname else ():
+                child = module._modules[atom]
+                links[(id(module), atom)] = (module, atom, child)
+                module = child
+            names = [attr for attr, _ in attrs]
+            getter = _getter(names)
+            self.attributes.append((module, getter, getter(_with_missing(module.__dict__, names))))
+        self.links = list(links.values())
+
+    def holds(self, model: nn.Module) -> bool:
+        if self.model() is not model:
+            return False
+        for parent, name, child in self.links:
+            if parent._modules.get(name) is not child:
+                return False
+        for module, getter, objects in self.attributes:
+            try:
+                current = getter(module.__dict__)
+            except KeyError:
+                return False
+            if not all(map(operator.is_, current, objects)):
+                return False
+        return True
+
+
+def _getter(names: list[str]) -> Callable[[dict], tuple]:
+    if len(names) == 1:
+        name = names[0]
+        return lambda values: (values[name],)
+    return operator.itemgetter(*names) if names else (lambda values: ())
+
+
+def _with_missing(values: dict, names: list[str]) -> dict:
+    # An attribute the full check saw as missing must stay missing; a sentinel object stands in.
+    return {name: values.get(name, _MISSING) for name in names}
