@@ -1,0 +1,150 @@
+"""Shape-generic specialisations: a graph traced at one resolution serves others when every
+Python decision it froze re-derives unchanged, bit-exact with the reference; guard state is
+checked by identity once a full check has passed; the base graph is rebuilt on demand."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import surgery
+from examples import PIPELINES
+from examples.driver import compare, example_call, run_stream
+from examples.reference import CausalVaceWanModel, load_vace_state_dict, random_vace_state_dict
+from rules import vace
+from surgery.reports.canonical import canonical_text
+from surgery.tracing.policy import TracePolicy
+from surgery.tracing.tracer import ExampleTracer
+from surgery.tracing.twin import meta_twin
+
+RES_A, RES_B, RES_C = (64, 64), (48, 80), (32, 96)
+
+
+def _pair(name: str):
+    pipeline = PIPELINES[name]
+    base = pipeline.build("tiny", seed=0)
+    result = surgery.apply(base, vace.rule(), example_inputs=example_call(base, pipeline, height=RES_A[0], width=RES_A[1]))
+    reference = CausalVaceWanModel(pipeline.build("tiny", seed=0))
+    weights = random_vace_state_dict(reference, seed=5)
+    load_vace_state_dict(reference, weights)
+    result.module.load_state_dict(weights, strict=False)
+    return pipeline, base, result, reference
+
+
+def _context(pipeline, height: int, width: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(1, 96, pipeline.config.num_frame_per_block, height // 8, width // 8, generator=g)
+
+
+@pytest.mark.parametrize("name", ["longlive", "streamdiffusionv2", "reward_forcing"])
+def test_new_sizes_reuse_the_graph_bit_exact(name):
+    pipeline, base, result, reference = _pair(name)
+    model, state = result.module, result.module.surgery_state
+    ours = run_stream(model, pipeline, chunks=3, height=RES_A[0], width=RES_A[1], vace_context=_context(pipeline, *RES_A))
+    theirs = run_stream(reference, pipeline, chunks=3, height=RES_A[0], width=RES_A[1],
+                        vace_context=_context(pipeline, *RES_A))
+    assert compare(ours, theirs) == 0.0
+    run_stream(model, pipeline, chunks=1, height=RES_A[0], width=RES_A[1])  # the VACE-off graph, too
+    built = state.built
+    for height, width in (RES_B, RES_C):
+        ctx = _context(pipeline, height, width)
+        ours = run_stream(model, pipeline, chunks=3, height=height, width=width, vace_context=ctx)
+        theirs = run_stream(reference, pipeline, chunks=3, height=height, width=width, vace_context=ctx)
+        assert compare(ours, theirs) == 0.0, (name, height, width)
+        off = run_stream(model, pipeline, chunks=3, height=height, width=width)
+        assert compare(off, run_stream(base, pipeline, chunks=3, height=height, width=width)) == 0.0
+    assert state.built == built, state.reasons  # no new trace: the cached graphs served all sizes
+    assert state.rechecks >= 2
+    assert all(spec.guards.recheck is not None for spec in state.specialisations.values())
+
+
+def test_tolist_stays_graph_arithmetic():
+    pipeline = PIPELINES["longlive"]
+    base = pipeline.build("tiny", seed=0)
+    result = surgery.apply(base, vace.rule(), example_inputs=example_call(base, pipeline))
+    nodes = list(result.graph.nodes)
+    tolist = [n for n in nodes if n.op == "call_method" and n.target == "tolist"]
+    assert len(tolist) == 1
+    view = next(n for n in nodes if n.op == "call_method" and n.target == "view")
+    grid = [a for a in view.args[1:4]]
+    assert all(isinstance(a, torch.fx.Node) for a in grid), view.args  # not literal sizes
+    # Only the nesting of the list is guarded.
+    spec = next(iter(result.module.surgery_state.specialisations.values()))
+    structure = [c for c in spec.guards.recheck.concretised if c.convert == "structure"]
+    assert [c.value for c in structure] == [((None, None, None),)]
+
+
+class _Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] > 2:  # a decision taken inside a module that is replayed
+            return self.proj(x) * 2
+        return self.proj(x)
+
+
+class _TwoBranchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([_Branchy(), _Branchy()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_replayed_decisions_tie_a_trace_to_its_shapes():
+    root = meta_twin(_TwoBranchy())
+    tracer = ExampleTracer(TracePolicy())
+    trace = tracer.trace_call(root, {"x": torch.zeros(1, 3, 4, device="meta")},
+                              lambda root_proxy, proxies: _TwoBranchy.forward(root, proxies["x"]))
+    assert trace.shape_specific is not None and "blocks.1" in trace.shape_specific
+    assert [c.convert for c in trace.concretised] == ["bool"]
+
+
+def test_state_changes_are_seen_through_the_identity_snapshot():
+    pipeline, base, result, reference = _pair("longlive")
+    model, state = result.module, result.module.surgery_state
+    args, kwargs = example_call(model, pipeline, vace_context=_context(pipeline, 32, 32), height=32, width=32)
+    with torch.no_grad():
+        first = model(*args, **kwargs)
+        assert torch.equal(model(*args, **kwargs), first) and state.last_dispatch[0] == "cached"
+    built = state.built
+    # A plain attribute the traced code read: a new object, even of equal value, is a full check.
+    model.blocks[0].eps = float(str(model.blocks[0].eps))
+    with torch.no_grad():
+        model(*args, **kwargs)
+    assert state.built == built and state.last_dispatch[0] == "cached"
+    model.blocks[0].eps = 1e-3
+    with torch.no_grad():
+        model(*args, **kwargs)
+    assert state.built == built + 1 and "blocks.0.eps" in state.reasons[-1]
+    model.blocks[0].eps = 1e-6
+    # A swapped-in block is called by name: no new trace, and its weights are used.
+    changed = copy.deepcopy(model.blocks[1])
+    with torch.no_grad():
+        changed.ffn[2].weight.mul_(2.0)
+    built = state.built
+    model.blocks[1] = changed
+    with torch.no_grad():
+        swapped = model(*args, **kwargs)
+    assert state.built == built and not torch.equal(swapped, first)
+
+
+def test_base_graph_is_the_traced_graph_before_the_rule():
+    pipeline = PIPELINES["memflow"]
+    base = pipeline.build("tiny", seed=0)
+    call = example_call(base, pipeline)
+    dry = surgery.apply(base, vace.rule(), example_inputs=call, dry_run=True)
+    full = surgery.apply(base, vace.rule(), example_inputs=call)
+    assert full._base_graph is None  # nothing is copied until asked
+    rebuilt = canonical_text(full.base_graph)
+    # The dry run traced without a context; the rebuilt graph keeps the rule's (unused) inputs.
+    strip = lambda text: [line for line in text.splitlines() if "placeholder vace_context" not in line]  # noqa: E731
+    assert not any("vace" in line for line in strip(rebuilt))
+    assert strip(rebuilt) == strip(canonical_text(dry.base_graph))
