@@ -10,7 +10,7 @@ import inspect
 import operator
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -22,7 +22,8 @@ from ..matching.pattern import CallView
 from ..rule import Rule, Site, Where
 from ..tracing.guards import GuardSet, evaluate, resolve_path, snapshot_state, tensor_kind
 from ..tracing.recheck import ShapeRecheck
-from ..tracing.tracer import ConcreteProxy, ExampleTracer, Trace, tensor_names
+from ..tracing.tracer import ConcreteProxy, ExampleTracer, ModuleCall, Trace, tensor_names
+from .outline import find_instances, outlined_graph, template_function
 from ..tracing.twin import meta_inputs, meta_twin
 
 
@@ -163,15 +164,24 @@ def prune_resolved(graph: fx.Graph) -> int:
     return removed
 
 
-def compile_graph(graph: fx.Graph) -> tuple[str, Callable[..., Any]]:
-    """Generate Python for ``graph`` whose ``self`` is the live model (PEFT-visible)."""
+def compile_graph(graph: fx.Graph, calls: Sequence[ModuleCall] = ()) -> tuple[str, Callable[..., Any]]:
+    """Generate Python for ``graph`` whose ``self`` is the live model (PEFT-visible).
+
+    With the trace's module ``calls``, blocks replayed from one template share one
+    generated function (see :mod:`.outline`); the source returned lists those first.
+    """
+    groups = find_instances(graph, calls) if calls else []
+    templates = [template_function(members[0], f"surgery_template_{i}", compile_graph)
+                 for i, members in enumerate(groups)]
+    if groups:
+        graph = outlined_graph(graph, groups, [fn for _, fn in templates])
     for node in graph.nodes:
         # fx marks autowrapped calls so that a retrace re-wraps them; this code is never retraced.
         node.meta.pop("is_wrapped", None)
     code = graph.python_code(root_module="self")
     namespace = dict(code.globals)
     exec(compile(code.src, "<surgery-specialisation>", "exec"), namespace)
-    return code.src, namespace["forward"]
+    return "".join(source for source, _ in templates) + code.src, namespace["forward"]
 
 
 def specialise(model: nn.Module, base_cls: type, rule: Rule, inputs: dict[str, Any], positional: int
@@ -199,7 +209,7 @@ def finish(model: nn.Module, tracer: ExampleTracer, trace: Trace, result: MatchR
     recheck = ShapeRecheck(trace.graph, tracer.concretised, tracer.calls, twin) \
         if tracer.shape_specific is None else None
     prune_resolved(trace.graph)
-    code, fn = compile_graph(trace.graph)
+    code, fn = compile_graph(trace.graph, tracer.calls)
     rewrite_s = time.perf_counter() - started
     shaped = sorted({dep[1] for dep in tracer.deps if dep[0] == "input" and dep[2] == "meta"
                      and isinstance(resolve_path(inputs, dep[1]), torch.Tensor)})
