@@ -15,7 +15,7 @@ Metrics (medians over ``--repeats`` runs, with min and max, in ``stats``):
 * ``apply_extra_bytes`` / ``reference_extra_bytes``: peak memory added by the call, each in
   a fresh subprocess (see :func:`measure_peak`) against ``vace_param_bytes``, the bytes of
   the grafted parameters.
-* ``forward_ratio_on``: median over paired runs of (rewritten, VACE on) / (reference) over a
+* ``forward_ratio_on``: median over ``--pairs`` paired runs of (rewritten, VACE on) / (reference) over a
   streaming chunk (several denoising calls at the same ``current_start``);
   ``forward_ratio_off``: (rewritten, no VACE context) / (base model). The two chunks of a
   pair are interleaved call by call, the order flipping every call, so load from other
@@ -149,6 +149,7 @@ class BenchConfig:
     dtype: str = "float32"
     report: str = "."
     repeats: int = 5
+    pairs: Optional[int] = None  # forward pairs; None: ``repeats``
     tokens: Optional[int] = None
     steps: Optional[int] = None
     seed: int = 0
@@ -829,7 +830,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "machine": machine,
         "torch": torch.__version__,
         "source": source_info(),
-        "settings": {"repeats": config.repeats, "seed": config.seed, **subject.settings},
+        "settings": {"repeats": config.repeats, "pairs": config.pairs or config.repeats, "seed": config.seed,
+                     **subject.settings},
         "skipped": {},
     }
 
@@ -874,7 +876,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     elif subject.forward is None or subject.build_reference is None:
         results["skipped"]["forward"] = f"no forward runs on {device}"
     else:
-        forward = measure_forward(subject, config.repeats)
+        forward = measure_forward(subject, config.pairs or config.repeats)
         results.update(forward_ratio_on=forward["on"]["ratio"]["median"],
                        forward_ratio_off=forward["off"]["ratio"]["median"], forward=forward)
         stats.update(forward_ratio_on=forward["on"]["ratio"], forward_ratio_off=forward["off"]["ratio"])
@@ -909,6 +911,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     parser.add_argument("--report", default=".", metavar="DIR", help="where bench.json goes (default: .)")
     parser.add_argument("--repeats", type=int, default=5, metavar="N", help="runs per measurement (default 5)")
+    parser.add_argument("--pairs", type=int, default=None, metavar="N",
+                        help="paired forward chunks per ratio (default: --repeats); a ratio near 1 on a "
+                             "shared machine needs many")
     parser.add_argument("--tokens", type=int, default=None, metavar="N",
                         help="tokens per streaming chunk for the forward runs (default: provider's)")
     parser.add_argument("--steps", type=int, default=None, metavar="N", help="denoising calls per chunk")
@@ -928,10 +933,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.repeats < 1:
         raise InputError(f"--repeats {args.repeats} is not positive", "pass --repeats 1 or more")
+    if args.pairs is not None and args.pairs < 1:
+        raise InputError(f"--pairs {args.pairs} is not positive", "pass --pairs 1 or more")
     if args.tokens is not None and args.tokens < 1:
         raise InputError(f"--tokens {args.tokens} is not positive", "pass a positive token count")
     config = BenchConfig(model=args.model, size=args.size, device=args.device, dtype=args.dtype, report=args.report,
-                         repeats=args.repeats, tokens=args.tokens, steps=args.steps, seed=args.seed,
+                         repeats=args.repeats, pairs=args.pairs, tokens=args.tokens, steps=args.steps, seed=args.seed,
                          provider=args.provider, memory=args.memory, forward=args.forward, profile=args.profile,
                          strict=args.strict)
     if args.child_memory:

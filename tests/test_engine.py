@@ -175,32 +175,31 @@ def test_guards_reuse_recheck_and_respecialise():
     rechecks = state.rechecks
     run_stream(result.module, pipeline, chunks=1, height=48, width=80, vace_context=_context(pipeline, 48, 80))
     assert state.rechecks == rechecks and state.last_dispatch[0] == "cached"
-    # A control clip one frame short flips the rule's own decision (pad the hint tokens): a
-    # new specialisation, and the reason names the decision that differs.
-    model = result.module
-    short = PIPELINES["longlive"]
-    base2 = short.build("tiny", seed=0)
-    result2 = surgery.apply(base2, vace.rule(), example_inputs=example_call(base2, short, height=64, width=64))
-    state2 = result2.module.surgery_state
-    run_stream(result2.module, short, chunks=1, height=64, width=64, vace_context=_context(short, 64, 64))
-    built2 = state2.built
-    run_stream(result2.module, short, chunks=1, height=64, width=64, vace_context=_context(short, 64, 64, frames=2))
-    assert state2.built > built2 and state2.last_dispatch[0] in ("specialised", "cached")
-    assert any("missing" in r and "!= traced" in r for r in state2.reasons), state2.reasons
     kinds = {g.kind for g in result.guards}
     assert {"shape", "input"} <= kinds
     assert any("seq_len" in g.expr for g in result.guards)
 
 
-def test_a_decision_that_changes_with_size_respecialises():
-    # MemFlow reads frame_seqlen with .item(): a new token count per frame is a new graph.
-    pipeline = PIPELINES["memflow"]
+def _applied_at(name: str, height: int, width: int):
+    pipeline = PIPELINES[name]
     base = pipeline.build("tiny", seed=0)
-    result = surgery.apply(base, vace.rule(), example_inputs=example_call(base, pipeline, height=32, width=32))
-    state = result.module.surgery_state
-    run_stream(result.module, pipeline, chunks=1, height=32, width=32, vace_context=_context(pipeline, 32, 32))
+    result = surgery.apply(base, vace.rule(), example_inputs=example_call(base, pipeline, height=height, width=width))
+    run_stream(result.module, pipeline, chunks=1, height=height, width=width,
+               vace_context=_context(pipeline, height, width))
+    return pipeline, result.module, result.module.surgery_state
+
+
+def test_a_decision_that_changes_respecialises_and_is_named():
+    # A control clip one frame short flips the rule's own decision (pad the hint tokens).
+    pipeline, model, state = _applied_at("longlive", 64, 64)
     built = state.built
-    run_stream(result.module, pipeline, chunks=1, height=32, width=48, vace_context=_context(pipeline, 32, 48))
+    run_stream(model, pipeline, chunks=1, height=64, width=64, vace_context=_context(pipeline, 64, 64, frames=2))
+    assert state.built > built
+    assert any("missing" in r and "!= traced" in r for r in state.reasons), state.reasons
+    # MemFlow reads frame_seqlen with .item(): a new token count per frame is a new graph.
+    pipeline, model, state = _applied_at("memflow", 32, 32)
+    built = state.built
+    run_stream(model, pipeline, chunks=1, height=32, width=48, vace_context=_context(pipeline, 32, 48))
     assert state.built > built
     assert any(".item()" in r and "!= traced" in r for r in state.reasons)
 

@@ -15,6 +15,7 @@ metadata without running again: the recheck runs one block per template, not thi
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -23,7 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .guards import CONVERSIONS
-from .tracer import Concretisation, ModuleCall
+from .tracer import Concretisation, ModuleCall, fetch_attribute, module_key
 from .twin import meta_inputs
 
 
@@ -59,6 +60,14 @@ class _Instance:
     nodes: list[fx.Node]
     externals: list[tuple[int, fx.Node]]  # (position among the externals, node) that the slice needs
     outputs: list[tuple[int, fx.Node]]  # (position in ``nodes``, node) used after the call
+
+
+def _all_meta(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.device.type == "meta"
+    if isinstance(value, (list, tuple)):
+        return all(_all_meta(v) for v in value)
+    return isinstance(value, (bool, int, float, type(None), torch.Size))
 
 
 def _ancestors(targets: Iterable[fx.Node]) -> set[fx.Node]:
@@ -126,6 +135,7 @@ class ShapeRecheck:
         env: dict[fx.Node, Any] = {}
         seen: dict[tuple, _Instance] = {}
         skip: set[fx.Node] = set()
+        results: dict[tuple, Any] = {}
         with torch.no_grad():
             for step in self.steps:
                 node = step.node
@@ -138,7 +148,7 @@ class ShapeRecheck:
                 if node in skip:
                     continue
                 try:
-                    env[node] = step.run(env, metas, self.twin)
+                    env[node] = step.run_once(env, metas, self.twin, results)
                 except Exception as error:  # the new shapes break an op the old branch chose
                     return f"re-deriving the traced decisions failed at {node.name} ({type(error).__name__}: " \
                            f"{str(error).splitlines()[0] if str(error) else ''})"
@@ -169,13 +179,6 @@ class ShapeRecheck:
         return True
 
 
-def _fetch(root: nn.Module, target: str) -> Any:
-    value: Any = root
-    for atom in target.split("."):
-        value = getattr(value, atom)
-    return value
-
-
 @dataclass(frozen=True)
 class _Step:
     node: fx.Node
@@ -184,11 +187,47 @@ class _Step:
     args: tuple
     kwargs: dict
 
+    @property
+    def memoisable(self) -> bool:
+        """Pure and not trivially cheap: worth keying by its inputs' metadata."""
+        if self.op == "call_function":
+            return self.target not in (operator.getitem, getattr, operator.setitem)
+        if self.op == "call_method":
+            return not self.target.endswith("_") and "opaque_helper" not in self.node.meta
+        # A leaf handed no container (so no cache it could write) is a function of its
+        # module's structure and its inputs' metadata: VACE blocks' attention, projections.
+        return self.op == "call_module" and not any(
+            isinstance(a, (list, dict)) for a in (*self.args, *self.kwargs.values()))
+
+    def run_once(self, env: dict, inputs: dict[str, Any], twin: nn.Module, results: dict[tuple, Any]) -> Any:
+        """``run``, or the result of an earlier step with the same op on the same metadata
+        (the thirty injections ``x + hint * scale`` of one resolution are one computation)."""
+        if not self.memoisable:
+            return self.run(env, inputs, twin)
+        try:
+            args = fx.node.map_arg(self.args, env.__getitem__)
+            kwargs = fx.node.map_arg(self.kwargs, env.__getitem__)
+            if self.op == "call_module":
+                if any(isinstance(a, (list, dict)) for a in (*args, *kwargs.values())):
+                    return self.run(env, inputs, twin)
+                what: Any = module_key(twin.get_submodule(self.target))
+            else:
+                what = self.target
+            key = (self.op, what, _meta_key(args), _meta_key(kwargs))
+        except _Unkeyable:
+            return self.run(env, inputs, twin)
+        if key not in results:
+            value = self.run(env, inputs, twin)
+            if not _all_meta(value):
+                return value  # real values (cache indices) are never shared between nodes
+            results[key] = value
+        return results[key]
+
     def run(self, env: dict, inputs: dict[str, Any], twin: nn.Module) -> Any:
         if self.op == "placeholder":
             return twin if self.target == "root" else inputs[self.target]
         if self.op == "get_attr":
-            return _fetch(twin, self.target)
+            return fetch_attribute(twin, self.target)
         args = fx.node.map_arg(self.args, env.__getitem__)
         kwargs = fx.node.map_arg(self.kwargs, env.__getitem__)
         if self.op == "call_function":

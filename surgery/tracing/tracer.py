@@ -267,7 +267,7 @@ class ExampleTracer(fx.Tracer):
             elif kind == "call_module":
                 value = self._run_leaf(target, cargs, ckwargs)
             elif kind == "get_attr":
-                value = _fetch(self.root, target)
+                value = fetch_attribute(self.root, target)
             else:
                 value = _MISSING
         self._propagate(proxy, kind, target, args, kwargs, value)
@@ -695,7 +695,8 @@ def _value_key(value: Any) -> Any:
     raise TypeError(type(value))
 
 
-def _module_key(module: nn.Module) -> tuple:
+def module_key(module: nn.Module) -> tuple:
+    """Structure, parameter metadata, simple attributes and per-instance code of a module tree."""
     parts = []
     for name, sub in module.named_modules():
         params = tuple((n, tuple(p.shape), p.dtype) for n, p in sub.named_parameters(recurse=False))
@@ -712,7 +713,7 @@ def _module_key(module: nn.Module) -> tuple:
 def replay_key(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
     """Identical structure and identical argument metadata: the same traced subgraph."""
     try:
-        return (_module_key(module), _value_key(args), _value_key(kwargs))
+        return (module_key(module), _value_key(args), _value_key(kwargs))
     except TypeError:
         return None
 
@@ -733,7 +734,8 @@ def _structured(value: Any) -> Any:
     return value
 
 
-def _fetch(root: nn.Module, target: str) -> Any:
+def fetch_attribute(root: nn.Module, target: str) -> Any:
+    """``root.a.b.c`` for ``target == "a.b.c"`` (plain attributes too, unlike ``get_submodule``)."""
     value: Any = root
     for atom in target.split("."):
         value = getattr(value, atom)
