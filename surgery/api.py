@@ -1,9 +1,11 @@
 """``surgery.apply``: a function from (model, rule) to a new, rewritten model."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -107,6 +109,26 @@ def apply(model: nn.Module, rule: Rule, *, example_inputs: tuple[tuple, dict], d
     Returns:
         An :class:`ApplyResult` whose ``module`` shares every base parameter with ``model``.
     """
+    with _collector_paused():
+        return _apply(model, rule, example_inputs, dry_run, graft_init)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    # Tracing allocates nodes and proxies by the thousand; with a large model resident,
+    # each cyclic-GC pass walks every live object (6% of an apply at 1.3B). Nothing
+    # surgery builds needs collecting before it returns.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _apply(model: nn.Module, rule: Rule, example_inputs: tuple[tuple, dict], dry_run: bool,
+           graft_init: str) -> ApplyResult:
     started = time.perf_counter()
     check_order(model, rule)
     args, kwargs = example_inputs
