@@ -52,14 +52,6 @@ NAME = "longlive"  # the CLI's built-in tiny model: 4 blocks, dim 64, ffn 128, d
 HERE = __name__  # how the CLI imports this module (tests/ is on sys.path under pytest)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation on busy CI machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --- helpers shared with test_faults.py ---------------------------------------------------
 

@@ -36,14 +36,6 @@ from test_errors import ModelSnapshot, base_output
 NAMES = list(PIPELINE_MODULES)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation on busy CI machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class Injected(RuntimeError):
     """The fault raised by the patched stage."""

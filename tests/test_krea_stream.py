@@ -27,14 +27,6 @@ STREAM = dict(chunks=CHUNKS, frames_per_chunk=FRAMES, height=H, width=W, steps=(
 LAYERS = [0, 2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def pipeline():

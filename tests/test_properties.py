@@ -36,14 +36,6 @@ VACE_IN_DIM = 96
 SIZE = "property"  # a temporary MODEL_SIZES entry, so each pipeline's own build() (Krea fuses) is used
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation on busy CI machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @st.composite
 def configurations(draw: st.DrawFn) -> dict:

@@ -68,8 +68,7 @@ def test_tolist_stays_graph_arithmetic():
     tolist = [n for n in nodes if n.op == "call_method" and n.target == "tolist"]
     assert len(tolist) == 1
     view = next(n for n in nodes if n.op == "call_method" and n.target == "view")
-    grid = [a for a in view.args[1:4]]
-    assert all(isinstance(a, torch.fx.Node) for a in grid), view.args  # not literal sizes
+    assert all(isinstance(a, torch.fx.Node) for a in view.args[1:4]), view.args  # not literal sizes
     # Only the nesting of the list is guarded.
     spec = next(iter(result.module.surgery_state.specialisations.values()))
     structure = [c for c in spec.guards.recheck.concretised if c.convert == "structure"]

@@ -35,14 +35,6 @@ STREAM = dict(chunks=3, frames_per_chunk=3, local_attn_size=8, steps=(1000, 500)
 LAYERS = [0, 2]  # the default for the 4-layer tiny model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (and spin badly on busy machines)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _pipeline(name: str):
     try:

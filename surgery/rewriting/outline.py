@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
-from ..tracing.tracer import ModuleCall
+from ..tracing.tracer import ModuleCall, template_groups
 
 
 @dataclass
@@ -38,12 +38,9 @@ def find_instances(graph: fx.Graph, calls: Sequence[ModuleCall]) -> list[list[In
     """Groups of at least two structurally identical instances, outermost calls first."""
     nodes = list(graph.nodes)
     position = {node: i for i, node in enumerate(nodes)}
-    groups: dict[int, list[ModuleCall]] = {}
-    for call in calls:
-        groups.setdefault(id(call.template or call), []).append(call)
     taken: set[fx.Node] = set()
     found: list[list[Instance]] = []
-    for members in sorted(groups.values(), key=lambda ms: ms[0].depth):
+    for members in sorted(template_groups(calls), key=lambda ms: ms[0].depth):
         if len(members) < 2:
             continue
         instances = [inst for inst in (_instance(call, nodes, position, taken) for call in members)

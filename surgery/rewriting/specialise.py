@@ -23,8 +23,8 @@ from ..rule import Rule, Site, Where
 from ..tracing.guards import GuardSet, evaluate, resolve_path, snapshot_state, tensor_kind
 from ..tracing.recheck import ShapeRecheck
 from ..tracing.tracer import ConcreteProxy, ExampleTracer, ModuleCall, Trace, tensor_names
-from .outline import find_instances, outlined_graph, template_function
 from ..tracing.twin import meta_inputs, meta_twin
+from .outline import find_instances, outlined_graph, template_function
 
 
 def input_kind(value: Any) -> tuple:
@@ -170,7 +170,7 @@ def compile_graph(graph: fx.Graph, calls: Sequence[ModuleCall] = ()) -> tuple[st
     With the trace's module ``calls``, blocks replayed from one template share one
     generated function (see :mod:`.outline`); the source returned lists those first.
     """
-    groups = find_instances(graph, calls) if calls else []
+    groups = find_instances(graph, calls)
     templates = [template_function(members[0], f"surgery_template_{i}", compile_graph)
                  for i, members in enumerate(groups)]
     if groups:
@@ -211,8 +211,8 @@ def finish(model: nn.Module, tracer: ExampleTracer, trace: Trace, result: MatchR
     prune_resolved(trace.graph)
     code, fn = compile_graph(trace.graph, tracer.calls)
     rewrite_s = time.perf_counter() - started
-    shaped = sorted({dep[1] for dep in tracer.deps if dep[0] == "input" and dep[2] == "meta"
-                     and isinstance(resolve_path(inputs, dep[1]), torch.Tensor)})
+    shaped = dict.fromkeys(dep[1] for dep in tracer.deps if dep[0] == "input" and dep[2] == "meta"
+                           and isinstance(resolve_path(inputs, dep[1]), torch.Tensor))
     guards = GuardSet(
         signature=call_signature(inputs),
         deps={dep: evaluate(dep, inputs, model) for dep in tracer.deps},

@@ -161,7 +161,7 @@ class GuardSet:
             if actual != expected:
                 return f"{dep}: {actual!r} != {expected!r}"
         failure = self._state_failure(model)
-        return failure if failure is not None else self._shapes_failure(inputs, model)
+        return failure if failure is not None else self._shapes_failure(inputs)
 
     def _state_failure(self, model: nn.Module) -> str | None:
         if self._unchanged is not None and self._unchanged.holds(model):
@@ -179,7 +179,7 @@ class GuardSet:
         self._unchanged = UnchangedState(model, self.state_by_module)
         return None
 
-    def _shapes_failure(self, inputs: dict[str, Any], model: nn.Module) -> str | None:
+    def _shapes_failure(self, inputs: dict[str, Any]) -> str | None:
         if not self.shapes:
             return None
         try:
@@ -190,7 +190,7 @@ class GuardSet:
             return None
         if self.recheck is None:
             return f"input shapes {key} != {tuple(self.shapes.values())} ({self.shape_specific})"
-        failure = self.recheck.first_failure(inputs, model)
+        failure = self.recheck.first_failure(inputs)
         if failure is None:
             self.accepted.add(key)
             self.rechecked += 1

@@ -24,7 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .guards import CONVERSIONS
-from .tracer import Concretisation, ModuleCall, fetch_attribute, module_key
+from .tracer import Concretisation, ModuleCall, fetch_attribute, module_key, template_groups
 from .twin import meta_inputs
 
 
@@ -83,12 +83,8 @@ def _ancestors(targets: Iterable[fx.Node]) -> set[fx.Node]:
 
 
 def _instances(calls: Sequence[ModuleCall], needed: set[fx.Node]) -> dict[fx.Node, list[_Instance]]:
-    groups: dict[int, list[ModuleCall]] = {}
-    for call in calls:
-        source = call.template or call
-        groups.setdefault(id(source), []).append(call)
     starts: dict[fx.Node, list[_Instance]] = {}
-    for group, members in groups.items():
+    for group, members in enumerate(template_groups(calls)):
         if len(members) < 2:
             continue
         for call in members:
@@ -122,7 +118,7 @@ class ShapeRecheck:
         self.starts = _instances(calls, needed)
         self.twin = twin
 
-    def first_failure(self, inputs: dict[str, Any], model: nn.Module) -> str | None:
+    def first_failure(self, inputs: dict[str, Any]) -> str | None:
         """``None`` if every concretised value comes out as traced, else the first that differs.
 
         Values are compared as soon as they are computed, so a changed decision is named
@@ -194,10 +190,9 @@ class _Step:
             return self.target not in (operator.getitem, getattr, operator.setitem)
         if self.op == "call_method":
             return not self.target.endswith("_") and "opaque_helper" not in self.node.meta
-        # A leaf handed no container (so no cache it could write) is a function of its
-        # module's structure and its inputs' metadata: VACE blocks' attention, projections.
-        return self.op == "call_module" and not any(
-            isinstance(a, (list, dict)) for a in (*self.args, *self.kwargs.values()))
+        # A leaf handed no container (so no cache it could write; checked on the values in
+        # ``run_once``) is a function of its module's structure and its inputs' metadata.
+        return self.op == "call_module"
 
     def run_once(self, env: dict, inputs: dict[str, Any], twin: nn.Module, results: dict[tuple, Any]) -> Any:
         """``run``, or the result of an earlier step with the same op on the same metadata

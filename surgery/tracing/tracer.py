@@ -24,7 +24,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -649,6 +649,14 @@ class ExampleTracer(fx.Tracer):
         return TraceError(
             f"cannot trace `{line}` at {where} ({type(error).__name__}: {message})",
             f"make {owner} a leaf (TracePolicy.extra_leaves) or give it a cache argument so it runs eagerly")
+
+
+def template_groups(calls: Iterable[ModuleCall]) -> list[list[ModuleCall]]:
+    """Traced calls grouped by the template they are (or replay), in trace order."""
+    groups: dict[int, list[ModuleCall]] = {}
+    for call in calls:
+        groups.setdefault(id(call.template or call), []).append(call)
+    return list(groups.values())
 
 
 def tensor_names(root: nn.Module) -> dict[int, str]:
