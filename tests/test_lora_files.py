@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rules.vace_keymaps import DIFFUSERS_TO_NATIVE, NATIVE_TO_DIFFUSERS
-from surgery.errors import MatchError, OrderError, WeightsError
+from surgery.errors import MatchError, OrderError, RuleError, SurgeryError, WeightsError
 from surgery.lora import check_order, load_lora_file, module_targeted_targets, peft_layer_names
 from surgery.weights import apply_key_map, compile_key_map
 
@@ -327,3 +327,187 @@ def test_check_order(tmp_path):
 
     with pytest.raises(OrderError, match="already a PEFT PeftModel"):
         check_order(get_peft_model(Grafted(), LoraConfig(r=2, target_modules=["head"])))
+
+
+# --------------------------------------------------------------------------- all or nothing
+def model_state(model: nn.Module) -> tuple:
+    """Everything a LoRA load may touch: module tree (by identity), parameters, values, flags, PEFT state."""
+    from peft.tuners.lora import LoraLayer
+
+    return (
+        [(n, type(m), id(m)) for n, m in model.named_modules()],
+        [(n, id(p), p.requires_grad) for n, p in model.named_parameters()],
+        {k: v.clone() for k, v in model.state_dict().items()},
+        sorted(vars(model)),
+        sorted(getattr(model, "peft_config", {})),
+        {n: (list(m.lora_A), dict(m.scaling), dict(m.r), list(m.active_adapters))
+         for n, m in model.named_modules() if isinstance(m, LoraLayer)},
+    )
+
+
+def assert_same_state(before: tuple, after: tuple) -> None:
+    assert before[0] == after[0] and before[1] == after[1] and before[3:] == after[3:]
+    assert before[2].keys() == after[2].keys() and all(torch.equal(before[2][k], after[2][k]) for k in before[2])
+
+
+def refused(model: nn.Module, pattern: str, *args, **kwargs) -> str:
+    """load_lora_file fails with a one-line WeightsError matching ``pattern`` and changes nothing."""
+    before = model_state(model)
+    with pytest.raises(WeightsError, match=pattern) as info:
+        load_lora_file(model, *args, **kwargs)
+    assert_same_state(before, model_state(model))
+    message = str(info.value)
+    assert "\n" not in message and "; fix: " in message
+    return message
+
+
+def test_a_rank_zero_pair_next_to_a_valid_one_changes_nothing_and_a_retry_works(tmp_path):
+    values = {"blocks.0.self_attn.q": lora_values()["blocks.0.self_attn.q"],
+              "blocks.1.self_attn.q": {"A": torch.ones(0, DIM), "B": torch.ones(DIM, 0)}}
+    path = write_lora(tmp_path / "r0.safetensors", SCHEMES["peft"], values)
+    model = Grafted()
+    for _ in range(2):  # the second try must meet the same check, not "adapter already loaded"
+        message = refused(model, "1 LoRA targets have rank 0 .*blocks.1.self_attn.q", path)
+        assert "rank >= 1" in message
+    del values["blocks.1.self_attn.q"]
+    report = load_lora_file(model, write_lora(tmp_path / "ok.safetensors", SCHEMES["peft"], values))
+    assert report.targets == ("blocks.0.self_attn.q",)
+
+
+@pytest.mark.parametrize("scale, needle", [
+    ("1.0", "scale must be a real number, got str '1.0'"),
+    (True, "scale must be a real number, got bool"),
+    (None, "scale must be a real number, got NoneType"),
+    (torch.tensor(1.0), "scale must be a real number, got Tensor"),
+    (float("nan"), "scale nan is not a finite number"),
+    (float("inf"), "scale inf is not a finite number"),
+    (10 ** 400, "is not a finite number"),
+    (1e300, "scaling 2e\\+300 .*is beyond float32"),
+])
+def test_bad_scale_is_refused_before_anything_is_injected(scale, needle, tmp_path):
+    path = write_lora(tmp_path / "l.safetensors", SCHEMES["peft"])
+    model = Grafted()
+    refused(model, needle, path, scale=scale)
+    assert load_lora_file(model, path, scale=1.0).scale == 1.0  # then the same call with a good scale works
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"adapter_name": ""}, "adapter_name '' is not a usable adapter name"),
+    ({"adapter_name": "a.b"}, "adapter_name 'a.b' is not a usable"),
+    ({"adapter_name": 3}, "adapter_name 3 is not a usable"),
+    ({"vace_layers": "0,2"}, "vace_layers must be a sequence of non-negative ints, got '0,2'"),
+    ({"vace_layers": [0, 1.5]}, "vace_layers must be a sequence of non-negative ints"),
+    ({"strip_prefixes": "diffusion_model."}, "strip_prefixes must be a sequence of strings"),
+    ({"key_map": 5}, "key_map must be a sequence"),
+])
+def test_bad_arguments_are_one_line_errors(kwargs, needle, tmp_path):
+    path = write_lora(tmp_path / "l.safetensors", SCHEMES["peft"])
+    exc = RuleError if "key_map" in kwargs else WeightsError
+    model = Grafted()
+    before = model_state(model)
+    with pytest.raises(exc, match=needle) as info:
+        load_lora_file(model, path, **kwargs)
+    assert isinstance(info.value, SurgeryError) and "\n" not in str(info.value)
+    assert_same_state(before, model_state(model))
+
+
+def test_bad_path_and_module_types(tmp_path):
+    refused(Grafted(), "the LoRA path must be a str or os.PathLike, got int", 5)
+    with pytest.raises(WeightsError, match="needs a torch.nn.Module, got dict"):
+        load_lora_file({}, write_lora(tmp_path / "l.safetensors", SCHEMES["peft"]))
+
+
+@pytest.mark.parametrize("target_values, needle", [
+    ({"A": torch.ones(4, DIM, dtype=torch.int32), "B": torch.ones(DIM, 4)}, "has dtype torch.int32; A/B must be"),
+    ({"A": torch.ones(4, DIM), "B": torch.ones(DIM, 4), "alpha": torch.tensor(True)}, "alpha must be a real number"),
+    ({"A": torch.ones(4, DIM), "B": torch.ones(DIM, 4), "alpha": torch.ones(2)}, "alpha has shape \\[2\\]"),
+    ({"A": torch.ones(4, DIM), "B": torch.ones(DIM, 4), "alpha": torch.tensor(float("inf"))}, "alpha' contains NaN"),
+    ({"A": torch.ones(4, DIM, 1), "B": torch.ones(DIM, 4)}, "A \\[4, 16, 1\\] B \\[16, 4\\]"),
+])
+def test_malformed_pairs_are_refused_whole(target_values, needle, tmp_path):
+    values = lora_values()
+    values["blocks.1.cross_attn.o"] = target_values
+    refused(Grafted(), needle, write_lora(tmp_path / "m.safetensors", SCHEMES["peft"], values))
+
+
+class Half(Grafted):
+    def __init__(self) -> None:
+        super().__init__()
+        self.half()
+
+
+@pytest.mark.parametrize("change, scale, needle", [
+    ({"A": 1e5}, 1.0, "A/B values overflow float16 \\(largest \\|value\\| 100000\\)"),  # inf once in float16
+    ({}, 1e5, "scaling 100000 \\(scale 100000 \\* alpha 4 / rank 4\\) is beyond float16"),
+    ({"A": 300.0, "B": 300.0}, 1.0, "the update B @ A \\* scaling reaches 360000, beyond float16"),
+])
+def test_overflow_in_the_models_dtype_is_refused(change, scale, needle, tmp_path):
+    values = {"blocks.1.cross_attn.o": {"A": torch.full((4, DIM), 0.5), "B": torch.full((DIM, 4), 0.5)}}
+    for role, value in change.items():
+        values["blocks.1.cross_attn.o"][role] = torch.full_like(values["blocks.1.cross_attn.o"][role], value)
+    path = write_lora(tmp_path / "big.safetensors", SCHEMES["peft"], values)
+    refused(Half(), needle, path, scale=scale)
+    load_lora_file(Grafted(), path, scale=scale)  # the same file fits a float32 model
+
+
+def _failing_on_call(monkeypatch, calls: int, exc: BaseException) -> None:
+    """Make PEFT's per-layer injection raise on call ``calls`` (after wrapping the earlier layers)."""
+    from peft.tuners.lora import LoraModel
+
+    real = LoraModel._create_and_replace
+    count = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        count["n"] += 1
+        if count["n"] == calls:
+            raise exc
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoraModel, "_create_and_replace", flaky)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("PEFT failed on the third layer"), KeyboardInterrupt()],
+                         ids=["error", "interrupt"])
+def test_injection_failing_half_way_is_undone_and_a_retry_works(exc, tmp_path, monkeypatch):
+    path = write_lora(tmp_path / "l.safetensors", SCHEMES["peft"])
+    model = Grafted()
+    x = torch.randn(2, DIM)
+    want = model(x)
+    before = model_state(model)
+    _failing_on_call(monkeypatch, 3, exc)
+    with pytest.raises(type(exc)):
+        load_lora_file(model, path)
+    assert_same_state(before, model_state(model))
+    assert not peft_layer_names(model) and not hasattr(model, "peft_config")
+    assert torch.equal(model(x), want)
+    monkeypatch.undo()
+    report = load_lora_file(model, path)  # same adapter name: nothing of the failed try is left
+    assert set(report.targets) == set(TARGETS)
+
+
+def test_failure_while_filling_a_second_adapter_leaves_the_first_as_it_was(tmp_path, monkeypatch):
+    from peft.tuners.lora import LoraLayer
+
+    model = Grafted()
+    load_lora_file(model, write_lora(tmp_path / "a.safetensors", SCHEMES["peft"], lora_values(1)), adapter_name="a")
+    x = torch.randn(2, DIM)
+    want = model(x)
+    before = model_state(model)
+    second = write_lora(tmp_path / "b.safetensors", SCHEMES["peft"], lora_values(2))
+    calls = {"n": 0}
+    real = LoraLayer.set_scale
+
+    def set_scale(self, adapter, scale):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("set_scale failed")
+        return real(self, adapter, scale)
+
+    monkeypatch.setattr(LoraLayer, "set_scale", set_scale)
+    with pytest.raises(RuntimeError, match="set_scale failed"):
+        load_lora_file(model, second, adapter_name="b")
+    assert_same_state(before, model_state(model))
+    assert sorted(model.peft_config) == ["a"] and torch.equal(model(x), want)
+    monkeypatch.undo()
+    load_lora_file(model, second, adapter_name="b")
+    assert sorted(model.get_submodule("blocks.1.cross_attn.o").active_adapters) == ["a", "b"]

@@ -5,6 +5,11 @@ module names found in the file (a ``re.fullmatch`` alternation, so ``blocks.0.se
 can never also hit ``vace_blocks.0.self_attn.q``), then the stored A/B matrices are
 copied into the fresh PEFT layers unchanged. ``alpha`` is kept as PEFT's ``lora_alpha``
 (scaling = scale * alpha / rank), so ``layer.set_scale(adapter, s)`` still works later.
+
+Loading is all or nothing, like the VACE weights loader: the arguments and the whole file
+are checked first (:mod:`surgery.lora.plan`), and if the injection itself fails or is
+interrupted half-way, every module is put back as it was (:mod:`surgery.lora.transaction`),
+so the same call can simply be retried.
 """
 from __future__ import annotations
 
@@ -19,21 +24,37 @@ import torch
 from torch import nn
 
 from surgery.errors import WeightsError
-from surgery.lora.keys import DEFAULT_LORA_PREFIXES, parse_lora_keys
+from surgery.lora.arguments import check_adapter_name, check_path, check_scale, check_strip_prefixes, check_vace_layers
+from surgery.lora.keys import DEFAULT_LORA_PREFIXES
+from surgery.lora.plan import LoraPlan, plan_lora
 from surgery.lora.report import LoraLoadReport
-from surgery.weights.files import open_tensors, read_tensor, resolve_checkpoint
+from surgery.lora.transaction import ModuleSnapshot
 from surgery.weights.keys import KeyMap
-
-_LIST_LIMIT = 6
-
-
-def _listing(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_LIST_LIMIT])
-    return shown + (f", ... (+{len(items) - _LIST_LIMIT} more)" if len(items) > _LIST_LIMIT else "")
 
 
 def _exact(names: Sequence[str]) -> str:
     return "|".join(re.escape(n) for n in names)
+
+
+def _check_module(module: object, adapter_name: str) -> None:
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTuner
+
+    if not isinstance(module, nn.Module):
+        raise WeightsError(f"load_lora_file needs a torch.nn.Module, got {type(module).__name__}",
+                           "pass the (rewritten) model to load the LoRA into")
+    if isinstance(module, (PeftModel, BaseTuner)):
+        raise WeightsError(
+            f"load_lora_file got a {type(module).__name__}; it injects into a plain module in place",
+            "pass the underlying module (peft_model.get_base_model())",
+        )
+    used = sorted(n for n, m in module.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A)
+    if used:
+        raise WeightsError(
+            f"adapter {adapter_name!r} is already loaded (e.g. on {used[0]!r})",
+            "pass a different adapter_name for each LoRA file",
+        )
 
 
 def load_lora_file(
@@ -61,117 +82,61 @@ def load_lora_file(
     active on the same layers. ``requires_grad`` of the existing parameters is left as it
     was (PEFT would otherwise freeze everything but the adapter).
 
-    Everything (keys, targets, shapes, NaN/Inf) is checked before PEFT is called, so on
-    an error the module is unchanged.
+    All or nothing: every argument and every pair of the file (keys, targets, shapes,
+    rank, NaN/Inf, and range in the adapter's dtype) is checked before PEFT is called, and
+    an injection that fails or is interrupted half-way is undone, so on any error the
+    module is exactly as it was and the call can be retried.
 
     Raises:
-        WeightsError: unreadable/unsafe file, unknown keys, missing or non-Linear targets,
-            rank/shape mismatch, NaN/Inf, or an adapter name already in use.
+        WeightsError: a bad argument (``scale`` not a finite real number, a bad
+            ``adapter_name``, ``vace_layers`` or ``strip_prefixes``), an unreadable/unsafe
+            file, unknown keys, missing or non-Linear targets, rank 0, rank/shape mismatch,
+            NaN/Inf, values that overflow the model's dtype, or an adapter name already in use.
     """
-    from peft import LoraConfig, PeftModel, inject_adapter_in_model
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-
     start = time.perf_counter()
-    if isinstance(module, (PeftModel, BaseTuner)):
-        raise WeightsError(
-            f"load_lora_file got a {type(module).__name__}; it injects into a plain module in place",
-            "pass the underlying module (peft_model.get_base_model())",
-        )
-    entries = resolve_checkpoint(path)
-    files = tuple(sorted({str(e.file) for e in entries.values()}))
-    where = ", ".join(files)
-    if vace_layers is None:
-        vace_layers = getattr(module, "vace_layers", None)
-    parsed = parse_lora_keys(entries, strip_prefixes=strip_prefixes, key_map=key_map, vace_layers=vace_layers)
-    if parsed.unrecognized:
-        raise WeightsError(
-            f"{where} has {len(parsed.unrecognized)} keys that are not LoRA A/B/alpha tensors "
-            f"({_listing(sorted(parsed.unrecognized))})",
-            "only lora_A/lora_B, lora_down/lora_up and alpha tensors are supported; remove the others "
-            "(e.g. full-weight .diff tensors) from the file",
-        )
-    if not parsed.targets:
-        raise WeightsError(f"{where} holds no LoRA tensors", "pass a LoRA safetensors file")
-    incomplete = sorted(t for t, g in parsed.targets.items() if not {"A", "B"} <= g.names.keys())
-    if incomplete:
-        raise WeightsError(
-            f"{where}: {len(incomplete)} LoRA targets lack an A or B matrix ({_listing(incomplete)})",
-            "the file is incomplete; re-export the LoRA",
-        )
-    used = sorted(n for n, m in module.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A)
-    if used:
-        raise WeightsError(
-            f"adapter {adapter_name!r} is already loaded (e.g. on {used[0]!r})",
-            "pass a different adapter_name for each LoRA file",
-        )
+    adapter_name = check_adapter_name(adapter_name)
+    scale = check_scale(scale)
+    path = check_path(path)
+    strip_prefixes = check_strip_prefixes(strip_prefixes)
+    _check_module(module, adapter_name)
+    vace_layers = check_vace_layers(getattr(module, "vace_layers", None) if vace_layers is None else vace_layers)
+    plan = plan_lora(module, str(path), scale=scale, vace_layers=vace_layers, key_map=key_map,
+                     strip_prefixes=strip_prefixes)
 
-    missing: list[str] = []
-    not_linear: list[str] = []
-    shape_errors: list[str] = []
-    layers: dict[str, nn.Linear] = {}
-    for target in parsed.targets:
-        try:
-            sub = module.get_submodule(target)
-        except AttributeError:
-            missing.append(target)
-            continue
-        base = sub.get_base_layer() if isinstance(sub, BaseTunerLayer) else sub
-        if not isinstance(base, nn.Linear):
-            not_linear.append(f"{target} ({type(base).__name__})")
-            continue
-        layers[target] = base
-    if missing or not_linear:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} targets not in the model ({_listing(sorted(missing))})")
-        if not_linear:
-            parts.append(f"{len(not_linear)} targets are not nn.Linear ({_listing(sorted(not_linear))})")
-        raise WeightsError(
-            f"{where} does not fit the model: " + "; ".join(parts),
-            "use a LoRA trained for this model layout, or a key_map/vace_layers that maps its names",
-        )
+    snapshot = ModuleSnapshot(module)
+    try:
+        dtypes = _inject(module, plan, adapter_name, scale)
+    except BaseException:
+        snapshot.restore()
+        raise
+    return LoraLoadReport(
+        model=module,
+        adapter_name=adapter_name,
+        files=plan.files,
+        schemes=plan.schemes,
+        targets=tuple(plan.targets),
+        ranks=dict(Counter(plan.ranks.values())),
+        with_alpha=sum("alpha" in v for v in plan.values.values()),
+        scale=scale,
+        tensors=sum(len(v) for v in plan.values.values()),
+        lora_dtypes=dict(dtypes),
+        seconds=time.perf_counter() - start,
+    )
 
-    values: dict[str, dict[str, torch.Tensor]] = {}
-    with open_tensors({e.file for e in entries.values()}) as handles:
-        for target, group in parsed.targets.items():
-            got = {role: read_tensor(handles, entries[name]).clone() for role, name in group.names.items()}
-            for role, t in got.items():
-                if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
-                    raise WeightsError(
-                        f"{where}: LoRA tensor {group.names[role]!r} contains NaN or Inf values",
-                        "the LoRA file is corrupt; re-download or re-export it",
-                    )
-            a, b, linear = got["A"], got["B"], layers[target]
-            rank = a.shape[0] if a.dim() == 2 else -1
-            if (
-                a.dim() != 2 or b.dim() != 2 or tuple(a.shape) != (rank, linear.in_features)
-                or tuple(b.shape) != (linear.out_features, rank)
-            ):
-                shape_errors.append(
-                    f"{target}: A {list(a.shape)} B {list(b.shape)} vs Linear({linear.in_features}, "
-                    f"{linear.out_features})"
-                )
-            if "alpha" in got and got["alpha"].numel() != 1:
-                shape_errors.append(f"{target}: alpha has shape {list(got['alpha'].shape)}, expected a scalar")
-            values[target] = got
-    if shape_errors:
-        raise WeightsError(
-            f"{where}: {len(shape_errors)} LoRA targets have matrices that do not fit "
-            f"(A must be [rank, in], B [out, rank]): {_listing(shape_errors)}",
-            "use the LoRA trained for this model's dimensions",
-        )
 
-    ranks = {t: int(v["A"].shape[0]) for t, v in values.items()}
-    alphas = {t: float(v["alpha"].reshape(())) if "alpha" in v else float(ranks[t]) for t, v in values.items()}
-    rank0 = Counter(ranks.values()).most_common(1)[0][0]
-    targets = sorted(values)
+def _inject(module: nn.Module, plan: LoraPlan, adapter_name: str, scale: float) -> Counter[str]:
+    """Inject and fill the adapter; may leave ``module`` half-changed when it raises (the caller undoes)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    targets = plan.targets
+    rank0 = Counter(plan.ranks.values()).most_common(1)[0][0]
     config = LoraConfig(
         r=rank0,
         lora_alpha=rank0,
         target_modules=_exact(targets),
-        rank_pattern={re.escape(t): r for t, r in ranks.items() if r != rank0},
-        alpha_pattern={re.escape(t): a for t, a in alphas.items() if a != rank0},
+        rank_pattern={re.escape(t): r for t, r in plan.ranks.items() if r != rank0},
+        alpha_pattern={re.escape(t): a for t, a in plan.alphas.items() if a != rank0},
         lora_dropout=0.0,
         bias="none",
     )
@@ -185,10 +150,11 @@ def load_lora_file(
         inject_adapter_in_model(config, module, adapter_name=adapter_name)
 
     injected = {n: m for n, m in module.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A}
-    if set(injected) != set(targets):
+    wrong_rank = [t for t in targets if t in injected and injected[t].r[adapter_name] != plan.ranks[t]]
+    if set(injected) != set(targets) or wrong_rank:
         raise WeightsError(
             f"PEFT injected adapter {adapter_name!r} into {len(injected)} modules instead of the {len(targets)} "
-            "named in the file",
+            f"named in the file{f', with the wrong rank on {wrong_rank[0]!r}' if wrong_rank else ''}",
             "report this as a bug together with the peft version",
         )
     dtypes: Counter[str] = Counter()
@@ -197,7 +163,7 @@ def load_lora_file(
             layer = injected[target]
             for role, holder in (("A", layer.lora_A), ("B", layer.lora_B)):
                 weight = holder[adapter_name].weight
-                weight.copy_(values[target][role])
+                weight.copy_(plan.values[target][role])
                 dtypes[str(weight.dtype).removeprefix("torch.")] += 1
             layer.set_scale(adapter_name, scale)
     for layer in module.modules():
@@ -209,17 +175,4 @@ def load_lora_file(
                 layer.set_adapter(active)
     for p, flag in flags:
         p.requires_grad_(flag)
-
-    return LoraLoadReport(
-        model=module,
-        adapter_name=adapter_name,
-        files=files,
-        schemes=tuple(sorted(parsed.schemes)),
-        targets=tuple(targets),
-        ranks=dict(Counter(ranks.values())),
-        with_alpha=sum("alpha" in v for v in values.values()),
-        scale=float(scale),
-        tensors=sum(len(v) for v in values.values()),
-        lora_dtypes=dict(dtypes),
-        seconds=time.perf_counter() - start,
-    )
+    return dtypes
