@@ -12,7 +12,7 @@ block's ``forward`` requires (every optional argument, caches included, keeps it
 """
 from __future__ import annotations
 
-import math
+import sys
 from typing import Any, Sequence
 
 import torch
@@ -125,7 +125,7 @@ def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_la
         grafted = getattr(model, BLOCKS, None)
         count = len(grafted) if grafted is not None else len(resolved(expected(model)))
         # Checked even without a context, so a bad scale fails on the first call, not later.
-        scale = normalise_scale(inputs.get("vace_context_scale", 1.0), count)
+        scale = normalise_scale(inputs.get("vace_context_scale", 1.0), count, _branch_dtype(model, latent))
         if checked["vace_context"] is not None:
             checked["vace_context_scale"] = scale
         return checked
@@ -159,6 +159,15 @@ def _allocate_like(module: nn.Module, like: torch.Tensor, init: str) -> nn.Modul
     return allocate(module, device=like.device, dtype=like.dtype, init=init)
 
 
+def _branch_dtype(model: nn.Module, latent: Any) -> torch.dtype | None:
+    """The dtype the hints are scaled in: the grafted branch's (the latent's before grafting)."""
+    embed = getattr(model, PATCH_EMBEDDING, None)
+    weight = getattr(embed, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.dtype
+    return latent.dtype if isinstance(latent, torch.Tensor) and latent.is_floating_point() else None
+
+
 def _check_call(inputs: dict[str, Any], latent: Any, vace_in_dim: int) -> dict[str, Any]:
     """Validate ``vace_context`` against the latent, normalise the scale to a tuple."""
     context, scale = inputs.get("vace_context"), inputs.get("vace_context_scale", 1.0)
@@ -174,11 +183,20 @@ def _check_call(inputs: dict[str, Any], latent: Any, vace_in_dim: int) -> dict[s
         raise CallError(f"vace_context must be a tensor or a list of tensors, got {type(context).__name__}",
                         "pass a [B, C, F, H, W] tensor")
     items = list(context)
+    if not items:
+        raise CallError("vace_context is empty", "pass a [B, C, F, H, W] tensor or one [C, F, H, W] tensor per batch "
+                        "element, or vace_context=None to run without VACE")
     for i, item in enumerate(items):
         if not isinstance(item, torch.Tensor) or item.dim() != 4:
             shape = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
             raise CallError(f"vace_context[{i}] has shape {shape}, expected [channels, frames, height, width]",
                             "pass a [B, C, F, H, W] tensor or a list of [C, F, H, W] tensors")
+        if not item.is_floating_point():
+            raise CallError(f"vace_context[{i}] has dtype {item.dtype}, expected a floating-point tensor",
+                            "pass the encoded control latents and masks as floats (they are cast to the model's dtype)")
+        if item.shape[1] == 0:
+            raise CallError(f"vace_context[{i}] of shape {tuple(item.shape)} has 0 frames",
+                            "give at least one control frame (a shorter context is zero-padded)")
         if isinstance(latent, torch.Tensor) and latent.dim() == 5:
             want = (vace_in_dim, latent.shape[3], latent.shape[4])
             got = (item.shape[0], item.shape[2], item.shape[3])
@@ -193,8 +211,12 @@ def _check_call(inputs: dict[str, Any], latent: Any, vace_in_dim: int) -> dict[s
     return {"vace_context": context, "vace_context_scale": scale}
 
 
-def normalise_scale(scale: Any, count: int) -> tuple[float, ...]:
-    """A float (``None`` = 1.0) or one value per VACE layer, all finite."""
+_FLOAT_MAX = sys.float_info.max
+
+
+def normalise_scale(scale: Any, count: int, dtype: torch.dtype | None = None) -> tuple[float, ...]:
+    """A float (``None`` = 1.0) or one value per VACE layer, all finite (in ``dtype`` when given:
+    the hints are scaled in the model's dtype, where 1e300 is inf for float32)."""
     if scale is None:
         scale = 1.0
     if isinstance(scale, torch.Tensor):
@@ -207,8 +229,14 @@ def normalise_scale(scale: Any, count: int) -> tuple[float, ...]:
     if len(values) != count:
         raise CallError(f"vace_context_scale has {len(values)} values for {count} VACE layers",
                         f"pass a float or exactly {count} values")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+    # A comparison, not math.isfinite: that raises OverflowError on an int such as 10**400.
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= _FLOAT_MAX for v in values):
         raise CallError(f"vace_context_scale {values} is not all finite numbers", "use finite floats")
+    if dtype is not None and dtype.is_floating_point:
+        largest = torch.finfo(dtype).max
+        if any(abs(v) > largest for v in values):
+            raise CallError(f"vace_context_scale {values} is not all finite numbers in the model's dtype {dtype} "
+                            f"(largest {largest:.6g})", f"use floats of magnitude at most {largest:.6g}")
     return tuple(float(v) for v in values)
 
 

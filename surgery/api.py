@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -11,7 +12,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import GraftError, OrderError
+from .entry import CallChecks, EntryPoint, LatentCheck, model_on_meta, parameter_of
+from .errors import ArgumentError, CallError, GraftError, OrderError
 from .lora.order import peft_owner
 from .matching.matcher import Match
 from .module import SurgeryState, rewritten_class
@@ -19,6 +21,9 @@ from .rewriting.specialise import add_modules, finish, match, prune_resolved, tr
 from .rule import GraftContext, Rule
 from .tracing.guards import Guard
 from .tracing.twin import share_tree
+
+#: ``graft_init`` values: zeros (weights are loaded afterwards) or each module's own init.
+GRAFT_INITS = ("zeros", "default")
 
 
 @dataclass(frozen=True)
@@ -107,8 +112,14 @@ def apply(model: nn.Module, rule: Rule, *, example_inputs: tuple[tuple, dict], d
         graft_init: ``"zeros"`` (fast; weights are loaded afterwards) or ``"default"``.
 
     Returns:
-        An :class:`ApplyResult` whose ``module`` shares every base parameter with ``model``.
+        An :class:`ApplyResult` whose ``module`` shares every base parameter's storage with
+        ``model`` (its own Parameter objects: converting it never converts ``model``).
+
+    Raises:
+        ArgumentError: malformed arguments (checked before anything else).
+        SurgeryError: the subclass names the stage (order, trace, match, graft, call inputs).
     """
+    check_arguments(model, rule, example_inputs, dry_run, graft_init)
     with _collector_paused():
         return _apply(model, rule, example_inputs, dry_run, graft_init)
 
@@ -127,16 +138,72 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+def check_arguments(model: Any, rule: Any, example_inputs: Any, dry_run: Any, graft_init: Any) -> None:
+    """Refuse malformed :func:`apply` arguments with one line each, before anything runs."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}",
+                            "pass the base model itself (not its state_dict, class or path)")
+    if not isinstance(rule, Rule):
+        if isinstance(rule, str):
+            raise ArgumentError(f"rule must be a surgery.Rule, got the name {rule!r}",
+                                f"build it first: rules.RULES[{rule!r}]() (e.g. rules.vace.rule())")
+        if callable(rule):
+            name = f"{getattr(rule, '__module__', None) or '?'}.{getattr(rule, '__qualname__', type(rule).__name__)}"
+            raise ArgumentError(f"rule must be a surgery.Rule, got the uncalled factory {name}",
+                                f"call it: {name}(...), e.g. rules.vace.rule(vace_in_dim=96)")
+        raise ArgumentError(f"rule must be a surgery.Rule, got {type(rule).__name__}", "e.g. rules.vace.rule()")
+    example = "example_inputs=(args, kwargs) of a typical call, e.g. examples.driver.example_call(model, pipeline)"
+    if not (isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 2):
+        shown = "None" if example_inputs is None else type(example_inputs).__name__
+        raise ArgumentError(f"example_inputs must be a pair (args, kwargs), got {shown}", f"pass {example}")
+    args, kwargs = example_inputs
+    if not isinstance(args, (tuple, list)) or not isinstance(kwargs, Mapping):
+        raise ArgumentError(f"example_inputs must be (args tuple, kwargs dict), got "
+                            f"({type(args).__name__}, {type(kwargs).__name__})", f"pass {example}")
+    if not all(isinstance(k, str) for k in kwargs):
+        raise ArgumentError("example_inputs' kwargs must have string keys", f"pass {example}")
+    if not isinstance(dry_run, bool):
+        raise ArgumentError(f"dry_run must be True or False, got {dry_run!r}", "pass dry_run=True or dry_run=False")
+    if not isinstance(graft_init, str) or graft_init not in GRAFT_INITS:
+        raise ArgumentError(f"graft_init must be one of {', '.join(map(repr, GRAFT_INITS))}, got {graft_init!r}",
+                            "use 'zeros' (weights are loaded afterwards) or 'default' (each module's own init)")
+    if model_on_meta(model) is False:
+        where = _first_meta_tensor(tuple(args), "args") or _first_meta_tensor(dict(kwargs), "kwargs")
+        if where is not None:
+            raise ArgumentError(f"example_inputs {where} is on the meta device but the model's weights are on "
+                                f"{next(model.parameters()).device}",
+                                "build the example call on the model's device (meta tensors hold no values)")
+
+
+def _first_meta_tensor(value: Any, path: str) -> str | None:
+    """The path of the first ``meta`` tensor in nested example inputs."""
+    if isinstance(value, torch.Tensor):
+        return path if value.is_meta else None
+    items = value.items() if isinstance(value, Mapping) else enumerate(value) \
+        if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = _first_meta_tensor(item, f"{path}[{key!r}]")
+        if found is not None:
+            return found
+    return None
+
+
 def _apply(model: nn.Module, rule: Rule, example_inputs: tuple[tuple, dict], dry_run: bool,
            graft_init: str) -> ApplyResult:
     started = time.perf_counter()
     check_order(model, rule)
     args, kwargs = example_inputs
-    new = share_tree(model)
+    entry = EntryPoint.of(type(model))
     state = SurgeryState(rule=rule, base_cls=type(model), latent_input=None)
+    inputs, rule_inputs, positional = state.split(tuple(args), dict(kwargs))
+    keywords = tuple(inputs)[positional:]
+    try:
+        entry.form(positional, keywords, tuple(rule.inputs))
+    except CallError as error:
+        raise ArgumentError(f"example_inputs do not fit the model: {error.problem}", error.fix) from None
+    new = share_tree(model)
     new.__dict__["_surgery"] = state
     new.__class__ = rewritten_class(type(model))
-    inputs, rule_inputs, positional = state.split(tuple(args), dict(kwargs))
     latent_name = _latent_name(inputs)
     latent = inputs.get(latent_name) if latent_name else None
     inputs.update(rule.check_call(_example_inputs(rule, latent, new, rule_inputs), inputs, latent, new)
@@ -151,6 +218,9 @@ def _apply(model: nn.Module, rule: Rule, example_inputs: tuple[tuple, dict], dry
     match_s = time.perf_counter() - t0
     latent_name, embedder_path = _stream_source(result.views[0].stream_in, trace.inputs)
     state.latent_input = latent_name
+    state.checks = CallChecks(entry, tuple(rule.inputs), parameter_of(entry, positional, keywords, latent_name),
+                              LatentCheck.of(embedder_path, new.get_submodule(embedder_path) if embedder_path else None,
+                                             inputs.get(latent_name) if latent_name else None))
     timings = {"trace_s": trace_s, "match_s": match_s}
     if dry_run:
         prune_resolved(trace.graph)  # nothing rewrites it: it is the base graph

@@ -50,3 +50,11 @@ class ReportError(SurgeryError):
 
 class InputError(SurgeryError):
     """Bad command-line input (unknown model, unimportable factory, bad option)."""
+
+
+class ArgumentError(SurgeryError, TypeError):
+    """A surgery API function was called with malformed arguments (wrong type or value)."""
+
+
+class SaveError(SurgeryError, TypeError):
+    """A rewritten model cannot be pickled or copied (its rule cannot be rebuilt on load)."""

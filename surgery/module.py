@@ -4,6 +4,14 @@ Each call is matched against the guards of the cached specialisations (most rece
 first). A call with new input sizes reuses a graph when its Python decisions re-derive
 unchanged (``rechecked``); a call that fits none is traced and rewritten again, never run
 on a wrong graph. The cache is bounded; evictions are counted so leaks show up in reports.
+
+Every call is checked before any graph runs or is built, whatever its form (positional or
+keyword latent, through a PEFT wrapper, after a re-specialisation): the base entry point's
+arguments (:mod:`.entry`), then the rule's own inputs (``Rule.check_call``).
+
+A rewritten model pickles (``torch.save``, ``pickle``, ``copy.deepcopy``) as its module tree
+plus the recipe of its rule (registered name and options, :mod:`.saving`); loading rebuilds
+the rule and an empty specialisation cache, so the first call traces again.
 """
 from __future__ import annotations
 
@@ -15,8 +23,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .entry import CallChecks, EntryPoint
 from .rewriting.specialise import Specialisation, call_signature, specialise
 from .rule import Rule
+from .saving import rebuild_rule, rule_recipe
 
 _CLASSES: dict[type, type] = {}
 
@@ -38,6 +48,8 @@ class SurgeryState:
     #: The previous call's dispatch: ``"cached"``, ``"rechecked"`` or ``"specialised"``, and
     #: the seconds from entry to a runnable graph (guard checks, recheck or new trace).
     last_dispatch: tuple[str, float] = ("none", 0.0)
+    #: The base entry point's checks and where the latent is (set by ``apply``).
+    checks: CallChecks | None = None
     _next_key: int = 0
 
     @property
@@ -85,10 +97,28 @@ class SurgeryState:
         self.specialisations.clear()
 
     def prepare(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str, Any], int]:
+        """Split and check a call (base arguments, then the rule's inputs) before any graph."""
         inputs, rule_inputs, positional = self.split(args, kwargs)
-        latent = inputs.get(self.latent_input) if self.latent_input else None
+        if self.checks is not None:
+            latent = self.checks.validate(model, inputs, rule_inputs, positional)
+        else:
+            latent = inputs.get(self.latent_input) if self.latent_input else None
         inputs.update(self.rule.check_call(rule_inputs, inputs, latent, model))
         return inputs, positional
+
+    def saved(self) -> dict[str, Any]:
+        """What a pickle keeps besides the module tree and the rule's recipe."""
+        checks = self.checks
+        return {"latent_input": self.latent_input, "limit": self.limit,
+                "latent_param": checks.latent_param if checks else None, "latent": checks.latent if checks else None}
+
+    @classmethod
+    def restored(cls, rule: Rule, base_cls: type, saved: dict[str, Any]) -> "SurgeryState":
+        state = cls(rule=rule, base_cls=base_cls, latent_input=saved["latent_input"], limit=saved["limit"])
+        state.checks = CallChecks(EntryPoint.of(base_cls), tuple(rule.inputs), saved["latent_param"],
+                                  saved["latent"])
+        state.reasons.append("restored from a pickle or copy")
+        return state
 
     def call(self, model: nn.Module, args: tuple, kwargs: dict) -> Any:
         started = time.perf_counter()
@@ -115,6 +145,15 @@ class RewrittenModel(nn.Module):
     def surgery_state(self) -> SurgeryState:
         return self.__dict__["_surgery"]
 
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        # The class is made at run time and the generated graphs are code: neither pickles.
+        # Kept instead: the base class, the rule's recipe, and the module tree (tensors included).
+        state = self.surgery_state
+        recipe = rule_recipe(state.rule)
+        body = dict(self.__getstate__())
+        body.pop("_surgery", None)
+        return (_restore, (state.base_cls, recipe, state.saved()), body)
+
     def _apply(self, fn: Any, recurse: bool = True) -> "RewrittenModel":
         # Plain tensor attributes (a RoPE table kept out of the state_dict so .to(dtype)
         # cannot touch it) follow the parameters' device but keep their dtype. The traced
@@ -127,6 +166,13 @@ class RewrittenModel(nn.Module):
                     if not name.startswith("_") and isinstance(value, torch.Tensor) and value.device != reference.device:
                         module.__dict__[name] = value.to(reference.device)
         return self
+
+
+def _restore(base_cls: type, recipe: tuple[str, dict[str, Any]], saved: dict[str, Any]) -> RewrittenModel:
+    """Unpickling: an empty rewritten model with its rule rebuilt; pickle then sets its tree."""
+    model = object.__new__(rewritten_class(base_cls))
+    model.__dict__["_surgery"] = SurgeryState.restored(rebuild_rule(recipe), base_cls, saved)
+    return model
 
 
 def rewritten_class(base_cls: type) -> type:

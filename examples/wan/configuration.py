@@ -28,6 +28,11 @@ class FrozenConfig(dict):
     def __setitem__(self, key: str, value: Any) -> None:
         raise TypeError("the model config is frozen; change the constructor arguments instead")
 
+    def __reduce__(self) -> tuple:
+        # Rebuilt through the constructor: pickle and deepcopy would otherwise refill it item by
+        # item through __setitem__ (diffusers' FrozenDict pickles and copies too).
+        return (type(self), (dict(self),))
+
 
 class ConfigMixin:
     """Holds the registered constructor arguments as ``self.config``."""

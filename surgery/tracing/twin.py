@@ -1,8 +1,9 @@
 """Structural copies of a module tree that never copy tensor storage.
 
-``share_tree`` gives surgery its "returns a new model" semantics: every module object is
-new (so later PEFT injection or attribute changes on the result leave the input alone),
-while every parameter and buffer is the very same tensor (zero copy).
+``share_tree`` gives surgery its "returns a new model" semantics: every module object,
+parameter, buffer and plain tensor attribute is a new object (so PEFT injection, ``.half()``,
+``.to()`` or ``requires_grad_`` on the result leave the input alone), while each of them views
+the very same storage as the input's (zero copy, same ``data_ptr``). Tied tensors stay tied.
 
 ``meta_twin`` gives the tracer a model to execute example calls on: the same structure
 with every floating-point tensor on the ``meta`` device, so tracing costs no FLOPs at any
@@ -17,10 +18,6 @@ import torch
 import torch.nn as nn
 
 TensorFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _same(t: torch.Tensor) -> torch.Tensor:
-    return t
 
 
 def _clone_module(module: nn.Module, tensor_fn: TensorFn, plain_fn: TensorFn,
@@ -46,14 +43,38 @@ def _clone_module(module: nn.Module, tensor_fn: TensorFn, plain_fn: TensorFn,
 
 
 def _param(data: torch.Tensor, original: nn.Parameter) -> nn.Parameter:
-    if data is original:
-        return original
+    if data is original or isinstance(data, nn.Parameter):
+        return data
     return nn.Parameter(data, requires_grad=original.requires_grad)
 
 
+def _aliases() -> TensorFn:
+    """New tensor objects on the same storage, one per original (so ties stay ties)."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def alias(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in memo:
+            if isinstance(t, nn.Parameter):
+                # What nn.Parameter.__new__ does, for Parameter subclasses too; their extra
+                # attributes (quantisation state, loader flags) are carried over.
+                new = torch.Tensor._make_subclass(type(t), t.detach(), t.requires_grad)
+                new.__dict__.update(t.__dict__)
+            else:
+                new = t.detach().requires_grad_(t.requires_grad) if t.is_leaf else t.detach()
+            memo[id(t)] = new
+        return memo[id(t)]
+
+    return alias
+
+
 def share_tree(module: nn.Module) -> nn.Module:
-    """A new module tree whose parameters and buffers are the input's own tensors."""
-    return _clone_module(module, _same, _same, {})
+    """A new module tree whose tensors are new objects on the input's storage (see above).
+
+    A conversion of the copy (``.half()``, ``.to(device)``, ``requires_grad_``) rebinds only
+    the copy's tensors; an in-place write to tensor *values* is seen by both, as with any view.
+    """
+    alias = _aliases()
+    return _clone_module(module, alias, alias, {})
 
 
 def _to_meta(t: torch.Tensor) -> torch.Tensor:
