@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from torch.nn.attention.flex_attention import create_mask
 
 from examples.wan.attention import attention
 from examples.wan.attention import flex_attention as _flex_attention
@@ -41,7 +42,8 @@ from examples.wan.model import (
 from examples.wan.pipeline import GENERATOR_SEQ_LEN, PipelineConfig, PipelineSpec, frame_seq_length
 
 # Upstream: torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs").
-# The eager backend is bit-identical on CPU, runs on meta, and fx still refuses to trace it.
+# torch's own flex attention through dynamo; the eager backend skips inductor's C++ codegen
+# on CPU. It refuses meta tensors like the real kernel, and fx cannot trace through it.
 flex_attention = torch.compile(_flex_attention, backend="eager", dynamic=False)
 
 # Krea's model.py picks the cross-attention kernel from the attention module's flags (spec 4.4).
@@ -86,7 +88,8 @@ def get_block_mask(device: str, num_frames: int = 21, frame_seqlen: int = 1560, 
 @functools.lru_cache(maxsize=32)
 def get_sdpa_mask(device: str, num_frames: int = 21, frame_seqlen: int = 1560, num_frame_per_block=3, local_attn_size=-1):
     """Dense boolean SDPA equivalent of :func:`get_block_mask` (unused by forward, as upstream)."""
-    mask = blockwise_causal_mask(device, num_frames, frame_seqlen, num_frame_per_block, local_attn_size).mask
+    block_mask = blockwise_causal_mask(device, num_frames, frame_seqlen, num_frame_per_block, local_attn_size)
+    mask = create_mask(block_mask.mask_mod, None, None, *block_mask.seq_lengths, device=device)
     print(f" cache a block wise causal sdpa mask with block size of {num_frame_per_block} frames")
     print(mask)
     return mask

@@ -30,8 +30,8 @@ from examples.wan.model import (
 from examples.wan.pipeline import PipelineConfig, PipelineSpec
 
 # Upstream: torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs").
-# The eager backend runs the same ops (bit-identical on CPU, works on meta tensors) and
-# keeps the hazard: fx refuses to trace a dynamo-optimized function.
+# torch's own flex attention through dynamo; the eager backend skips inductor's C++ codegen
+# on CPU. It refuses meta tensors like the real kernel, and fx cannot trace through it.
 flex_attention = torch.compile(_flex_attention, backend="eager", dynamic=False)
 
 WAN_CROSSATTENTION_CLASSES = make_cross_attention_classes("flash_attention")

@@ -37,7 +37,8 @@ from examples.wan.model import (
 from examples.wan.pipeline import PipelineConfig, PipelineSpec
 
 # Upstream: torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs").
-# The eager backend is bit-identical on CPU, runs on meta, and fx still refuses to trace it.
+# torch's own flex attention through dynamo; the eager backend skips inductor's C++ codegen
+# on CPU. It refuses meta tensors like the real kernel, and fx cannot trace through it.
 flex_attention = torch.compile(_flex_attention, backend="eager", dynamic=False)
 
 WAN_CROSSATTENTION_CLASSES = make_cross_attention_classes("flash_attention")

@@ -17,7 +17,7 @@ from rules import vace
 from surgery.reports.canonical import canonical_text
 from surgery.tracing.policy import TracePolicy
 from surgery.tracing.tracer import ExampleTracer
-from surgery.tracing.twin import meta_twin
+from surgery.tracing.twin import fake_twin, new_fake_mode
 
 RES_A, RES_B, RES_C = (64, 64), (48, 80), (32, 96)
 
@@ -98,7 +98,7 @@ class _TwoBranchy(nn.Module):
 
 
 def test_replayed_decisions_tie_a_trace_to_its_shapes():
-    root = meta_twin(_TwoBranchy())
+    root = fake_twin(_TwoBranchy(), new_fake_mode())
     tracer = ExampleTracer(TracePolicy())
     trace = tracer.trace_call(root, {"x": torch.zeros(1, 3, 4, device="meta")},
                               lambda root_proxy, proxies: _TwoBranchy.forward(root, proxies["x"]))

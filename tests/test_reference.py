@@ -197,6 +197,7 @@ def test_scale_forms(pipeline):
 
 # ---- context forms and checks -------------------------------------------------------------------
 
+@torch.no_grad()  # inference, as pipelines run it: flex attention has no CPU backward
 def test_context_as_list_equals_tensor_and_grid_is_checked(pipeline):
     ref = _reference(pipeline, weights_seed=2)
     context = torch.randn(1, 96, 3, 4, 4, generator=torch.Generator().manual_seed(4))

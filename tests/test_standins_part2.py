@@ -15,6 +15,7 @@ import torch.fx
 from examples import PIPELINES
 from examples.driver import compare, example_call, run_stream, snapshot_caches
 from examples.wan.pipeline import MODEL_SIZES, PipelineSpec
+from surgery.tracing.twin import fake_inputs, fake_twin, is_fake, new_fake_mode
 
 FS = 4
 H = W = 32
@@ -510,43 +511,48 @@ def test_krea_forward_always_takes_the_inference_path():
     [("reward_forcing", dict(chunks=4)), ("memflow", dict(chunks=4, local_attn_size=8)),
      ("krea_realtime_video", dict(chunks=3, frames_per_chunk=2))],
 )
-def test_meta_device_stream(name, options):
+def test_fake_twin_stream(name, options):
+    """A whole stream on the tracer's fake twin: torch's flex attention (which refuses meta)
+    runs on fake tensors, and the real index tensors drive the cache bookkeeping."""
     pipeline = _memflow_fast_bank() if name == "memflow" else PIPELINES[name]
-    model = pipeline.build("tiny", init="meta")
+    real, mode = pipeline.build("tiny"), new_fake_mode()
+    model = fake_twin(real, mode)
     pipeline = _generic(pipeline)
-    assert model.patch_embedding.weight.is_meta and not model.freqs.is_meta
-    # One step per chunk: meta ops dispatch through Python reference kernels and are slow.
-    record = run_stream(model, pipeline, steps=(1000,), snapshot=False, **options)
-    assert all(c.output.is_meta for c in record.calls) and model.freqs.is_meta
+    assert is_fake(model.patch_embedding.weight) and is_fake(model.freqs)
+    # Caches as the tracer sees them: float buffers fake, index tensors real.
+    caches = fake_inputs(pipeline.setup(real, 32, 32, options.get("local_attn_size", pipeline.config.local_attn_size)),
+                         mode)
+    record = run_stream(model, pipeline, steps=(1000,), snapshot=False, caches=caches, **options)
+    assert all(is_fake(c.output) for c in record.calls)
     kv = record.caches["kv_cache"]
-    assert all(c["k"].is_meta for c in kv) and not any(torch.as_tensor(c["local_end_index"]).is_meta for c in kv)
+    assert not any(is_fake(torch.as_tensor(c["local_end_index"])) for c in kv)
     expected = {"reward_forcing": (48, 36), "memflow": (48, 32), "krea_realtime_video": (24, 24)}[name]
-    assert all(_indices(c) == expected for c in kv)  # EMA sink / bank compression / bias path ran on meta
+    assert all(_indices(c) == expected for c in kv)  # EMA sink / bank compression / bias path ran fake
     if name == "memflow":
         assert all(_indices(b) == (16, 16) for b in record.caches["kv_bank"])
 
 
-def test_meta_device_krea_recompute_loop():
+def test_fake_twin_krea_recompute_loop():
     pipeline = PIPELINES["krea_realtime_video"]
-    model = pipeline.build("tiny", init="meta")
+    model = fake_twin(pipeline.build("tiny"), new_fake_mode())
     caches, _, out = _krea_stream(model, pipeline, chunks=3, steps=(1000,))
-    assert out.is_meta and all(_indices(c) == (24, 24) for c in caches["kv_cache"])
+    assert is_fake(out) and all(_indices(c) == (24, 24) for c in caches["kv_cache"])
 
 
 @pytest.mark.parametrize("name", PART2)
-def test_meta_device_non_cache_block_path(name):
-    """The flex (non-cache) self-attention path, which VACE blocks always take, on meta."""
+def test_fake_twin_non_cache_block_path(name):
+    """The flex (non-cache) self-attention path, which VACE blocks always take, on the fake twin."""
     pipeline = _memflow_fast_bank() if name == "memflow" else PIPELINES[name]
-    model = pipeline.build("tiny", init="meta")
+    model = fake_twin(pipeline.build("tiny"), new_fake_mode())
     captured = {}
 
     def hook(module, args, kwargs):
         captured["args"], captured["kwargs"] = args, dict(kwargs)
 
     handle = model.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    args, kwargs = example_call(model, pipeline)
+    args, kwargs = fake_inputs(example_call(model, pipeline), model.__dict__["_fake_mode"])
     model(*args, **kwargs)
     handle.remove()
     block_kwargs = {**captured["kwargs"], "kv_cache": None, "crossattn_cache": None}
     out = model.blocks[0](*captured["args"], **block_kwargs)
-    assert isinstance(out, torch.Tensor) and out.is_meta and out.shape == (1, 12, 64)
+    assert is_fake(out) and out.shape == (1, 12, 64)

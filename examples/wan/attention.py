@@ -5,15 +5,17 @@ availability flags. Here every kernel is SDPA-based so the stand-ins run on CPU 
 the ``meta`` device), while the signatures, the flags and the flag-driven branching stay
 as upstream, because that branching is one of the tracing hazards (spec 11, row 26).
 
-``flex_attention`` / ``create_block_mask`` replace ``torch.nn.attention.flex_attention``
-with a dense reference implementation of the same semantics on [B, n, L, d] layouts.
+``flex_attention``, ``create_block_mask`` and ``BlockMask`` are torch's own
+(``torch.nn.attention.flex_attention``), as upstream imports them: they refuse ``meta``
+tensors and masks are block-sparse, so the stand-ins keep that hazard for the tracer.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 __all__ = [
     "FLASH_ATTN_2_AVAILABLE",
@@ -158,81 +160,3 @@ def attention(
         )
     q, k, v = (t.transpose(1, 2).to(torch.bfloat16) for t in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal).transpose(1, 2).contiguous()
-
-
-class BlockMask:
-    """Stand-in for flex attention's ``BlockMask``: a dense boolean mask.
-
-    ``mask`` is [Q_LEN, KV_LEN] when built with ``B=None, H=None`` (what every upstream
-    builder does), else [B, H, Q_LEN, KV_LEN]; True means "attend".
-    """
-
-    def __init__(self, mask: torch.Tensor, mask_mod: Callable[..., torch.Tensor]) -> None:
-        self.mask = mask
-        self.mask_mod = mask_mod
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.mask.shape)
-
-    def __repr__(self) -> str:
-        return f"BlockMask(shape={self.shape}, sparsity={100.0 * (1 - self.mask.float().mean().item()):.2f}%)"
-
-
-def create_block_mask(
-    mask_mod: Callable[..., torch.Tensor],
-    B: Optional[int],
-    H: Optional[int],
-    Q_LEN: int,
-    KV_LEN: int,
-    device: Any = "cpu",
-    BLOCK_SIZE: int = 128,
-    _compile: bool = False,
-) -> BlockMask:
-    """Evaluate ``mask_mod(b, h, q_idx, kv_idx)`` on broadcast index grids into a ``BlockMask``."""
-    q_idx = torch.arange(Q_LEN, device=device).view(-1, 1)
-    kv_idx = torch.arange(KV_LEN, device=device).view(1, -1)
-    if B is None and H is None:
-        b = torch.zeros((), dtype=torch.long, device=device)
-        h = torch.zeros((), dtype=torch.long, device=device)
-        shape = (Q_LEN, KV_LEN)
-    else:
-        nb, nh = B or 1, H or 1
-        b = torch.arange(nb, device=device).view(-1, 1, 1, 1)
-        h = torch.arange(nh, device=device).view(1, -1, 1, 1)
-        q_idx, kv_idx = q_idx.view(1, 1, -1, 1), kv_idx.view(1, 1, 1, -1)
-        shape = (nb, nh, Q_LEN, KV_LEN)
-    mask = torch.as_tensor(mask_mod(b, h, q_idx, kv_idx), dtype=torch.bool, device=device).expand(shape)
-    return BlockMask(mask.contiguous(), mask_mod)
-
-
-def flex_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    score_mod: Optional[Callable[..., torch.Tensor]] = None,
-    block_mask: Optional[BlockMask] = None,
-    kernel_options: Optional[dict] = None,
-) -> torch.Tensor:
-    """Dense flex attention on [B, n, L, d]: scaled scores, ``score_mod``, mask, softmax.
-
-    Fully masked query rows yield zeros, as the real kernel does.
-    """
-    scale = query.size(-1) ** -0.5
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
-    if score_mod is not None:
-        bsz, heads, q_len, kv_len = scores.shape
-        dev = query.device
-        b = torch.arange(bsz, device=dev).view(-1, 1, 1, 1)
-        h = torch.arange(heads, device=dev).view(1, -1, 1, 1)
-        q_idx = torch.arange(q_len, device=dev).view(1, 1, -1, 1)
-        kv_idx = torch.arange(kv_len, device=dev).view(1, 1, 1, -1)
-        scores = score_mod(scores, b, h, q_idx, kv_idx)
-    if block_mask is None:
-        probs = torch.softmax(scores.float(), dim=-1)
-    else:
-        mask = block_mask.mask.to(scores.device)
-        probs = torch.softmax(scores.float().masked_fill(~mask, float("-inf")), dim=-1)
-        # Rows with every key masked are NaN after softmax; zero them like the kernel does.
-        probs = probs.masked_fill(~mask, 0.0)
-    return torch.matmul(probs.to(value.dtype), value)

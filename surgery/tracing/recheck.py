@@ -1,10 +1,10 @@
-"""Re-deriving a trace's Python decisions for inputs of new shapes, on meta tensors.
+"""Re-deriving a trace's Python decisions for inputs of new shapes, on fake tensors.
 
 A specialised graph records shape arithmetic as nodes, so it computes the right sizes at
 any resolution. What it freezes are the values Python took from the example (a loop
 count, an ``if``, a ``.tolist()`` nesting): each one is a :class:`Concretisation` on a
 node. For a call whose input sizes differ from the trace, :class:`ShapeRecheck` evaluates
-only those nodes' ancestors, on the meta twin with meta copies of the inputs, and compares
+only those nodes' ancestors, on the fake twin with fake copies of the inputs, and compares
 every value with the traced one. Equal values mean a fresh trace would take the same
 branches and so build the same graph; the specialisation is reused.
 
@@ -24,8 +24,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .guards import CONVERSIONS
-from .tracer import Concretisation, ModuleCall, fetch_attribute, module_key, template_groups
-from .twin import meta_inputs
+from .tracer import _FACTORY_IDS, Concretisation, ModuleCall, fetch_attribute, module_key, template_groups
+from .twin import fake_inputs, fake_mode_of, is_fake, run_factory
 
 
 class _Unkeyable(Exception):
@@ -36,9 +36,10 @@ def _meta_key(value: Any) -> Any:
     """Everything an op's output metadata can depend on, for one input value."""
     if isinstance(value, torch.Tensor):
         head = ("t", tuple(value.shape), tuple(value.stride()), value.dtype, value.device.type)
-        if value.device.type != "meta" and not value.is_floating_point() and value.numel() <= 64:
+        symbolic = is_fake(value) or value.device.type == "meta"
+        if not symbolic and not value.is_floating_point() and value.numel() <= 64:
             return head + (tuple(value.flatten().tolist()),)  # real cache indices: values matter
-        if value.device.type != "meta":
+        if not symbolic:
             raise _Unkeyable
         return head
     if isinstance(value, (list, tuple)):
@@ -62,11 +63,11 @@ class _Instance:
     outputs: list[tuple[int, fx.Node]]  # (position in ``nodes``, node) used after the call
 
 
-def _all_meta(value: Any) -> bool:
+def _all_symbolic(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
-        return value.device.type == "meta"
+        return is_fake(value) or value.device.type == "meta"
     if isinstance(value, (list, tuple)):
-        return all(_all_meta(v) for v in value)
+        return all(_all_symbolic(v) for v in value)
     return isinstance(value, (bool, int, float, type(None), torch.Size))
 
 
@@ -127,7 +128,8 @@ class ShapeRecheck:
         checks: dict[fx.Node, list[Concretisation]] = {}
         for item in self.concretised:
             checks.setdefault(item.node, []).append(item)
-        metas = meta_inputs(inputs)
+        mode = fake_mode_of(self.twin)
+        metas = fake_inputs(inputs, mode) if mode is not None else inputs
         env: dict[fx.Node, Any] = {}
         seen: dict[tuple, _Instance] = {}
         skip: set[fx.Node] = set()
@@ -213,7 +215,7 @@ class _Step:
             return self.run(env, inputs, twin)
         if key not in results:
             value = self.run(env, inputs, twin)
-            if not _all_meta(value):
+            if not _all_symbolic(value):
                 return value  # real values (cache indices) are never shared between nodes
             results[key] = value
         return results[key]
@@ -226,6 +228,8 @@ class _Step:
         args = fx.node.map_arg(self.args, env.__getitem__)
         kwargs = fx.node.map_arg(self.kwargs, env.__getitem__)
         if self.op == "call_function":
+            if id(self.target) in _FACTORY_IDS:
+                return run_factory(fake_mode_of(twin), self.target, args, kwargs)
             return self.target(*args, **kwargs)
         if self.op == "call_method":
             return getattr(args[0], self.target)(*args[1:], **kwargs)

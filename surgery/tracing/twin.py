@@ -5,9 +5,13 @@ parameter, buffer and plain tensor attribute is a new object (so PEFT injection,
 ``.to()`` or ``requires_grad_`` on the result leave the input alone), while each of them views
 the very same storage as the input's (zero copy, same ``data_ptr``). Tied tensors stay tied.
 
-``meta_twin`` gives the tracer a model to execute example calls on: the same structure
-with every floating-point tensor on the ``meta`` device, so tracing costs no FLOPs at any
-model size and cannot touch the user's weights or caches.
+``fake_twin`` gives the tracer a model to execute example calls on: the same structure
+with every tensor replaced by a ``FakeTensor`` (torch's own tracing tensors, as used by
+``torch.export``), so tracing costs no FLOPs or memory at any model size and cannot touch
+the user's weights or caches. A fake tensor keeps its real device: code that checks
+devices (flex attention refuses ``meta``; ``if x.device.type == "cuda"``; a real integer
+input beside a float weight) behaves as it does on real tensors, which a ``meta`` twin
+could not promise.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 TensorFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -77,32 +82,84 @@ def share_tree(module: nn.Module) -> nn.Module:
     return _clone_module(module, alias, alias, {})
 
 
-def _to_meta(t: torch.Tensor) -> torch.Tensor:
-    if t.device.type == "meta":
-        return t
-    return torch.empty_like(t, device="meta")
+def new_fake_mode() -> FakeTensorMode:
+    """One fake-tensor world per trace. Real tensors that meet fake ones (a real cache index
+    beside a fake weight) are converted on the fly, as they are on a real device."""
+    return FakeTensorMode(allow_non_fake_inputs=True)
 
 
-def meta_twin(module: nn.Module) -> nn.Module:
-    """The same tree with every tensor on ``meta`` (parameters, buffers, plain attributes)."""
-    return _clone_module(module, _to_meta, _to_meta, {})
+def is_fake(value: Any) -> bool:
+    return isinstance(value, FakeTensor)
 
 
-def meta_inputs(value: Any, *, inside_container: bool = False) -> Any:
-    """Example inputs for the meta twin.
+def fake_mode_of(module: nn.Module) -> FakeTensorMode | None:
+    """The fake mode of a twin (``None`` for a module without fake tensors)."""
+    known = module.__dict__.get("_fake_mode")
+    if known is not None:
+        return known
+    for tensor in module.parameters():
+        if isinstance(tensor, FakeTensor):
+            return tensor.fake_mode
+    for tensor in module.buffers():
+        if isinstance(tensor, FakeTensor):
+            return tensor.fake_mode
+    return None
 
-    Floating-point tensors go to ``meta``. Integer tensors inside containers stay real
-    copies: they are cache indices that attention code reads with ``.item()``, and they
-    are small. Containers are rebuilt so the twin's writes never reach the caller.
+
+def _faker(mode: FakeTensorMode) -> TensorFn:
+    def to_fake(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, FakeTensor) and t.fake_mode is mode:
+            return t
+        return mode.from_tensor(t, static_shapes=True)
+    return to_fake
+
+
+def fake_twin(module: nn.Module, mode: FakeTensorMode) -> nn.Module:
+    """The same tree with every tensor fake (parameters, buffers, plain tensor attributes)."""
+    to_fake = _faker(mode)
+    twin = _clone_module(module, to_fake, to_fake, {})
+    # Example values need no autograd, and kernels without a CPU backward (flex attention)
+    # refuse inputs that would record one.
+    for parameter in twin.parameters():
+        parameter.requires_grad_(False)
+    twin.__dict__["_fake_mode"] = mode
+    return twin
+
+
+def fake_inputs(value: Any, mode: FakeTensorMode, *, inside_container: bool = False) -> Any:
+    """Example inputs for the fake twin.
+
+    Floating-point tensors become fake. Integer tensors inside containers stay real copies:
+    they are cache indices that attention code reads with ``.item()``, and they are small.
+    Containers are rebuilt so the twin's writes never reach the caller.
     """
     if isinstance(value, torch.Tensor):
-        if inside_container and not (value.is_floating_point() or value.is_complex()):
+        if inside_container and not (value.is_floating_point() or value.is_complex()) and not is_fake(value):
             return value.detach().clone()
-        return _to_meta(value)
+        return _faker(mode)(value)
     if isinstance(value, dict):
-        return {k: meta_inputs(v, inside_container=True) for k, v in value.items()}
+        return {k: fake_inputs(v, mode, inside_container=True) for k, v in value.items()}
     if isinstance(value, list):
-        return [meta_inputs(v, inside_container=True) for v in value]
+        return [fake_inputs(v, mode, inside_container=True) for v in value]
     if isinstance(value, tuple):
-        return tuple(meta_inputs(v, inside_container=True) for v in value)
+        return tuple(fake_inputs(v, mode, inside_container=True) for v in value)
+    return value
+
+
+#: Tensor factories the tracer records (``torch.<name>``), so the graph recreates them per call.
+FACTORY_NAMES = ("tensor", "as_tensor", "arange", "zeros", "ones", "empty", "full", "linspace", "eye")
+#: Integer factory results up to this size stay real: Python may read their values (indices).
+_REAL_INDEX_NUMEL = 4096
+
+
+def run_factory(mode: FakeTensorMode | None, factory: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """A factory's example value: fake when it is large or floating point, so a trace that
+    builds a ``[1, 32760, 5120]`` pad allocates nothing; real when it is a small index tensor."""
+    if mode is None:
+        return factory(*args, **kwargs)
+    with mode:
+        value = factory(*args, **kwargs)
+    if isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex()) \
+            and value.numel() <= _REAL_INDEX_NUMEL and not any(is_fake(a) for a in (*args, *kwargs.values())):
+        return factory(*args, **kwargs)
     return value

@@ -2,7 +2,7 @@
 
 The reference is traced like the base model is traced by ``surgery.apply``: an
 :class:`~surgery.tracing.tracer.ExampleTracer` with the rule's trace policy runs its forward
-on a meta-device twin, with the example inputs as placeholders named the engine's way
+on a fake-tensor twin, with the example inputs as placeholders named the engine's way
 (``arg0``, ..., then the keywords sorted) and the rule's example control input. Two
 adaptations, both because the reference is ordinary wrapper Python, not a traced model:
 
@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..rule import Rule
 from ..tracing.tracer import ConcreteProxy, ExampleTracer, Trace
-from ..tracing.twin import meta_inputs, meta_twin
+from ..tracing.twin import fake_inputs, fake_twin, new_fake_mode
 
 
 class ConsistentNamesTracer(ExampleTracer):
@@ -63,7 +63,7 @@ def _unpack(proxy: Any) -> Any:
 
 def trace_reference(reference: nn.Module, rule: Rule, args: tuple, kwargs: dict[str, Any],
                     rule_inputs: dict[str, Any]) -> Trace:
-    """Trace ``reference(*args, **kwargs, **rule_inputs)`` on a meta twin with the engine's tracer.
+    """Trace ``reference(*args, **kwargs, **rule_inputs)`` on a fake twin with the engine's tracer.
 
     Tensors and containers become placeholders named like the engine's (``arg0``, then the
     keywords sorted); rule inputs that are not tensors (a scale) are passed as constants,
@@ -78,7 +78,8 @@ def trace_reference(reference: nn.Module, rule: Rule, args: tuple, kwargs: dict[
             inputs[name] = value
         else:
             constants[name] = value
-    twin = meta_twin(reference)
+    mode = new_fake_mode()
+    twin = fake_twin(reference, mode)
     tracer = ConsistentNamesTracer(rule.trace_policy)
     positional = len(args)
 
@@ -88,7 +89,7 @@ def trace_reference(reference: nn.Module, rule: Rule, args: tuple, kwargs: dict[
         call_kwargs.update(constants)
         return type(twin).forward(twin, *call_args, **call_kwargs)
 
-    return tracer.trace_call(twin, meta_inputs(inputs), call)
+    return tracer.trace_call(twin, fake_inputs(inputs, mode), call)
 
 
 __all__ = ["ConsistentNamesTracer", "trace_reference"]
