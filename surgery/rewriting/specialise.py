@@ -1,7 +1,7 @@
 """One specialisation: trace a call, match the rule's pattern, apply its actions, compile.
 
 A specialised graph is valid only for calls that satisfy its :class:`GuardSet`. The
-model's own Python runs once per specialisation (on a meta twin); afterwards calls run
+model's own Python runs once per specialisation (on a fake twin); afterwards calls run
 the generated code directly.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ..rule import Rule, Site, Where
 from ..tracing.guards import GuardSet, evaluate, resolve_path, snapshot_state, tensor_kind
 from ..tracing.recheck import ShapeRecheck
 from ..tracing.tracer import ConcreteProxy, ExampleTracer, ModuleCall, Trace, tensor_names
-from ..tracing.twin import meta_inputs, meta_twin
+from ..tracing.twin import fake_inputs, fake_mode_of, fake_twin, new_fake_mode
 from .outline import find_instances, outlined_graph, template_function
 
 
@@ -64,8 +64,9 @@ class Specialisation:
 
 def trace_base(model: nn.Module, base_cls: type, rule: Rule, inputs: dict[str, Any],
                base_names: list[str], positional: int) -> tuple[ExampleTracer, Trace, nn.Module]:
-    """Trace ``base_cls.forward`` on a meta twin of ``model`` with example ``inputs``."""
-    twin = meta_twin(model)
+    """Trace ``base_cls.forward`` on a fake twin of ``model`` with example ``inputs``."""
+    mode = new_fake_mode()
+    twin = fake_twin(model, mode)
     twin.__class__ = base_cls
     tracer = ExampleTracer(rule.trace_policy)
 
@@ -74,14 +75,15 @@ def trace_base(model: nn.Module, base_cls: type, rule: Rule, inputs: dict[str, A
         kwargs = {name: proxies[name] for name in base_names if not name.startswith("arg")}
         return base_cls.forward(twin, *args, **kwargs)
 
-    trace = tracer.trace_call(twin, meta_inputs(inputs), call)
+    trace = tracer.trace_call(twin, fake_inputs(inputs, mode), call)
     return tracer, trace, twin
 
 
 def match(trace: Trace, twin: nn.Module, rule: Rule, model: nn.Module) -> MatchResult:
     result = find_chain(trace, twin, rule.pattern)
-    if rule.expected is not None:
-        expect_count(result, rule.pattern, rule.expected(model), rule.name)
+    expected = rule.expected(model) if rule.expected is not None else None
+    if expected is not None:
+        expect_count(result, rule.pattern, expected, rule.name)
     elif not result.matches:
         expect_count(result, rule.pattern, 1, rule.name)
     count = len(result.matches)
@@ -227,8 +229,9 @@ def finish(model: nn.Module, tracer: ExampleTracer, trace: Trace, result: MatchR
 
 
 def add_modules(tracer: ExampleTracer, twin: nn.Module, modules: dict[str, nn.Module]) -> None:
-    """Make freshly grafted modules visible to an ongoing trace (as meta twins)."""
+    """Make freshly grafted modules visible to an ongoing trace (as fake twins)."""
+    mode = fake_mode_of(twin)
     for name, module in modules.items():
-        twin.add_module(name, meta_twin(module))
+        twin.add_module(name, fake_twin(module, mode))
     tracer.submodule_paths = {mod: name for name, mod in twin.named_modules()}
     tracer._param_names = tensor_names(twin)
