@@ -17,7 +17,7 @@ from rules import vace
 from surgery.reports.canonical import canonical_text
 from surgery.tracing.policy import TracePolicy
 from surgery.tracing.tracer import ExampleTracer
-from surgery.tracing.twin import fake_twin, new_fake_mode
+from surgery.tracing.twin import fake_inputs, fake_twin, new_fake_mode
 
 RES_A, RES_B, RES_C = (64, 64), (48, 80), (32, 96)
 
@@ -98,9 +98,10 @@ class _TwoBranchy(nn.Module):
 
 
 def test_replayed_decisions_tie_a_trace_to_its_shapes():
-    root = fake_twin(_TwoBranchy(), new_fake_mode())
+    mode = new_fake_mode()
+    root = fake_twin(_TwoBranchy(), mode)
     tracer = ExampleTracer(TracePolicy())
-    trace = tracer.trace_call(root, {"x": torch.zeros(1, 3, 4, device="meta")},
+    trace = tracer.trace_call(root, fake_inputs({"x": torch.zeros(1, 3, 4)}, mode),
                               lambda root_proxy, proxies: _TwoBranchy.forward(root, proxies["x"]))
     assert trace.shape_specific is not None and "blocks.1" in trace.shape_specific
     assert [c.convert for c in trace.concretised] == ["bool"]
