@@ -57,10 +57,18 @@ CONVERSIONS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class Field:
+    """A path step that reads an attribute (``cache.k`` of a dataclass or object cache)."""
+
+    name: str
+
+
 def resolve_path(inputs: dict[str, Any], path: tuple) -> Any:
+    """The value at ``path``: an input name, then item keys (int, str) and :class:`Field` steps."""
     value = inputs[path[0]]
     for key in path[1:]:
-        value = value[key]
+        value = getattr(value, key.name) if isinstance(key, Field) else value[key]
     return value
 
 

@@ -17,6 +17,7 @@ root can be called from generated code.
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import os
@@ -38,8 +39,8 @@ from torch.fx._symbolic_trace import (
 )
 
 from ..errors import TraceError
-from .guards import Guard, structure
-from .policy import TracePolicy
+from .guards import Field, Guard, structure
+from .policy import CacheValues, TracePolicy, is_cache_value
 
 _MISSING = object()
 _META_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout", "is_floating_point"})
@@ -102,6 +103,9 @@ class ConcreteAttribute(ConcreteProxy):
         self.deps = root.deps | (root.meta_deps if meta else frozenset())
         self.meta_deps = root.meta_deps
         self.path = None
+        if root.path is not None and not isinstance(root.concrete, torch.Tensor) and not callable(self.concrete):
+            # A field of a cache object (``state.layers[0].length``) is guarded like an item.
+            self.tracer._child_of_container(self, root.path + (Field(attr),), self.concrete)
 
     @property
     def node(self) -> fx.Node:  # type: ignore[override]
@@ -109,7 +113,7 @@ class ConcreteAttribute(ConcreteProxy):
             self._node = self.tracer.create_proxy("call_function", getattr, (self.root, self.attr), {}).node
         return self._node
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         return self.tracer.create_proxy("call_method", self.attr, (self.root,) + args, kwargs)
 
 
@@ -226,8 +230,12 @@ class ExampleTracer(fx.Tracer):
         self.leaf_calls: dict[str, list[str]] = {}
         self._param_names: dict[int, str] = {}
         self._param_proxies: dict[str, ConcreteProxy] = {}
-        self._implementation_entered = False
         self._leaf_stack: list[str] = []
+        # Objects inside the example's caches, and the leaf decision for each module
+        # being called (it depends on what the call hands the module).
+        self.cache_values = CacheValues()
+        self._leaf_decisions: dict[int, bool] = {}
+        self._leaf_names: set[str] = set()
         self._created: list[fx.Node] = []
         self._templates: dict[tuple, Template] = {}
         self._object_attrs: dict[int, str] = {}
@@ -328,7 +336,10 @@ class ExampleTracer(fx.Tracer):
         proxy.meta_deps = meta_deps | deps
         container = args[0] if args else None
         if (kind == "call_function" and target is operator.getitem and isinstance(container, ConcreteProxy)
-                and container.path is not None and not isinstance(args[1], ConcreteProxy)):
+                and container.path is not None and type(args[1]) in (int, str)
+                and not isinstance(container.concrete, torch.Tensor)):
+            # Only int and str keys extend a path: paths are hashed into guards, and an index
+            # such as ``[:, None]`` is tensor indexing, not a container item.
             self._child_of_container(proxy, container.path + (args[1],), value)
 
     def _child_of_container(self, proxy: ConcreteProxy, path: tuple, value: Any) -> None:
@@ -345,6 +356,10 @@ class ExampleTracer(fx.Tracer):
 
     def input_proxy(self, name: str, value: Any) -> ConcreteProxy:
         """A placeholder for one top-level input, with its example value."""
+        if value is not None and (name in self.policy.cache_arguments or is_cache_value(value)):
+            # A cache input: its objects are recognised wherever the model passes them on.
+            self.policy = self.policy.for_example({name: value})
+            self.cache_values.add(value)
         proxy = self.create_proxy("placeholder", name, (), {})
         proxy.concrete = value
         proxy.node.meta["example_value"] = value
@@ -365,11 +380,14 @@ class ExampleTracer(fx.Tracer):
         filename, lineno, line = user_frame()
         where = f"{_short(filename)}:{lineno}"
         if proxy.tainted:
-            owner = self._owner_hint()
-            raise TraceError(
-                f"data-dependent control flow at {where}: `{line}` needs {how} of a value computed "
-                f"from tensor data, which a graph cannot specialise on",
-                f"make {owner} a leaf (TracePolicy.extra_leaves) or move the branch into a cache helper")
+            owner = self._owner()
+            problem = (f"data-dependent control flow at {where}: `{line}` needs {how} of a value computed "
+                       f"from tensor data, which a graph cannot specialise on")
+            if owner is None:
+                raise TraceError(problem + " (in the model's top-level code)",
+                                 "compute that value before calling the model and pass it in as a Python number "
+                                 "(each new value then gets its own graph)")
+            raise TraceError(problem, _leaf_fix(owner))
         deps = proxy.deps
         self.deps |= deps
         kind = "input" if any(d[2] == "value" for d in deps) else (
@@ -383,7 +401,10 @@ class ExampleTracer(fx.Tracer):
     def concretise_length(self, proxy: ConcreteProxy) -> int:
         """``len()``: a tensor's length is shape, a container input's is guarded directly."""
         value = len(proxy.concrete)
-        if isinstance(proxy.concrete, torch.Tensor):
+        if isinstance(proxy.concrete, torch.Tensor) or (
+                proxy.path is None and proxy.tainted and isinstance(proxy.concrete, (list, tuple))):
+            # A tensor's length, or the length of the list an op returned (``chunk``,
+            # ``unbind``, ``tolist``), follows from its inputs' shapes.
             extra = proxy.meta_deps
         elif proxy.path is not None:
             extra = frozenset({("input", proxy.path, "len")})
@@ -406,15 +427,36 @@ class ExampleTracer(fx.Tracer):
     def keys(self, obj: fx.Proxy) -> Any:
         return list(obj.concrete.keys())
 
-    def _owner_hint(self) -> str:
-        if self.module_stack:
-            qualname = next(reversed(self.module_stack))
-            return f"`{qualname or '<root>'}`"
-        return "the enclosing module"
+    def _owner(self) -> str | None:
+        """The innermost module being traced through (``None``: the model's top-level code).
+
+        A leaf on the stack is skipped: it already runs eagerly, so making it a leaf fixes nothing.
+        """
+        for qualname, _ in reversed(self.module_stack.values()):
+            if qualname and qualname not in self._leaf_names:
+                return qualname
+        return None
+
+    def _failing_leaf(self) -> str | None:
+        """The leaf whose eager run raised, when the innermost module on the stack is one."""
+        if not self.module_stack:
+            return None
+        qualname, _ = next(reversed(self.module_stack.values()))
+        return qualname if qualname in self._leaf_names else None
 
     # ----- modules and attributes ----------------------------------------------------
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return self.policy.is_leaf(m, module_qualified_name)
+        decided = self._leaf_decisions.get(id(m))
+        return decided if decided is not None else self.policy.is_leaf(m, module_qualified_name)
+
+    def _decide_leaf(self, m: nn.Module, qualname: str, args: tuple, kwargs: dict) -> bool:
+        """Leaf or not for this call: by role, and by whether the call hands ``m`` cache state."""
+        receives = self.cache_values.within(_concrete((*args, *kwargs.values())))
+        leaf = self.policy.is_leaf(m, qualname, receives_cache=receives)
+        self._leaf_decisions[id(m)] = leaf
+        if leaf:
+            self._leaf_names.add(qualname)
+        return leaf
 
     def call_module(self, m, forward, args, kwargs):
         if self._concrete_depth:
@@ -422,7 +464,7 @@ class ExampleTracer(fx.Tracer):
                 self.leaf_calls.setdefault(self._leaf_stack[-1], []).append(self.path_of_module(m))
             return forward(*args, **kwargs)
         qualname = self.path_of_module(m)
-        if self.is_leaf_module(m, qualname):
+        if self._decide_leaf(m, qualname, args, kwargs):
             return _structured(super().call_module(m, forward, args, kwargs))
         key = replay_key(m, args, kwargs)
         template = self._templates.get(key) if key is not None else None
@@ -549,10 +591,11 @@ class ExampleTracer(fx.Tracer):
     def patched(self, fn: Any = None) -> Iterator[None]:
         """Intercept module calls, parameter reads and autowrapped functions."""
         with _new_patcher() as patcher:
-            def module_getattr(mod: nn.Module, attr: str) -> Any:
+            # Positional-only: a model may pass keywords named ``mod`` or ``attr`` itself.
+            def module_getattr(mod: nn.Module, attr: str, /) -> Any:
                 return self._module_getattr(mod, attr)
 
-            def module_call(mod: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            def module_call(mod: nn.Module, /, *args: Any, **kwargs: Any) -> Any:
                 return self._module_call(mod, *args, **kwargs)
 
             patcher.patch_method(nn.Module, "__getattr__", module_getattr, deduplicate=False)
@@ -588,7 +631,7 @@ class ExampleTracer(fx.Tracer):
     def _module_getattr(self, mod: nn.Module, attr: str) -> Any:
         return self.getattr(attr, _orig_module_getattr(mod, attr), {})
 
-    def _module_call(self, mod: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    def _module_call(self, mod: nn.Module, /, *args: Any, **kwargs: Any) -> Any:
         def forward(*a: Any, **k: Any) -> Any:
             return _orig_module_call(mod, *a, **k)
         if not self._concrete_depth:
@@ -603,7 +646,7 @@ class ExampleTracer(fx.Tracer):
             for qualname, module in root.named_modules():
                 if qualname and self.policy.is_leaf(module, qualname):
                     continue
-                for name in self.policy.cache_helpers(module):
+                for name in self.policy.helper_candidates(module, root=not qualname):
                     if name in module.__dict__:
                         continue
                     module.__dict__[name] = self._opaque_method(module, qualname, name, root_proxy)
@@ -618,13 +661,13 @@ class ExampleTracer(fx.Tracer):
         bound = getattr(type(module), name).__get__(module)
         tracer = self
 
+        @functools.wraps(bound)  # the model may read the method's signature (``inspect.signature``)
         def call(*args: Any, **kwargs: Any) -> Any:
             if tracer._concrete_depth:
                 return bound(*args, **kwargs)
-            if not qualname and not tracer._implementation_entered:
-                # forward(*args, **kwargs) dispatches here: this is the implementation.
-                tracer._implementation_entered = True
-                return bound(*args, **kwargs)
+            if tracer.policy.traced_through(module, name, _concrete(args), _concrete(kwargs),
+                                            tracer.cache_values) is not False:
+                return bound(*args, **kwargs)  # ordinary code, or the computation itself
             owner = root_proxy if not qualname else tracer.create_proxy("get_attr", qualname, (), {})
             node = tracer.create_node("call_method", name, tracer.create_arg((owner,) + args),
                                       tracer.create_arg(kwargs))
@@ -644,11 +687,31 @@ class ExampleTracer(fx.Tracer):
         frame = user[-1] if user else (frames[-1] if frames else None)
         where = f"{_short(os.path.abspath(frame.filename))}:{frame.lineno}" if frame else "<unknown>"
         line = (frame.line or "").strip() if frame else ""
-        owner = self._owner_hint()
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        return TraceError(
-            f"cannot trace `{line}` at {where} ({type(error).__name__}: {message})",
-            f"make {owner} a leaf (TracePolicy.extra_leaves) or give it a cache argument so it runs eagerly")
+        cause = f"`{line}` at {where} ({type(error).__name__}: {message})"
+        leaf = self._failing_leaf()
+        if leaf is not None:
+            return TraceError(
+                f"the example call fails inside `{leaf}`, which runs eagerly as a leaf: {cause}",
+                "the cause is unknown to surgery; run the model itself on the example inputs: if it fails "
+                f"the same way, fix the inputs; if not, `{leaf}` needs tensor values that tracing does not "
+                f"compute; look at {where}")
+        owner = self._owner()
+        if owner is None:
+            return TraceError(
+                f"cannot trace {cause} in the model's top-level code",
+                "the cause is unknown to surgery; run the model itself on the example inputs: if it fails the "
+                f"same way, fix the inputs; if not, the construct at {where} is beyond the tracer: rewrite it "
+                "or report it with that line")
+        return TraceError(f"cannot trace {cause}",
+                          _leaf_fix(owner) + "; if the model itself fails on the example inputs, fix the inputs")
+
+
+def _leaf_fix(qualname: str) -> str:
+    """A fix that makes ``qualname`` a leaf, written as the code that does it."""
+    return (f"make `{qualname}` a leaf so it runs eagerly: rule = dataclasses.replace(rule, "
+            f"trace_policy=rule.trace_policy.with_leaves('{qualname}')); a block the rule must match cannot be "
+            "a leaf: move the construct into a submodule of it instead")
 
 
 def template_groups(calls: Iterable[ModuleCall]) -> list[list[ModuleCall]]:

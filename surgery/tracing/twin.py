@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+from .containers import map_tensors
+
 TensorFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -131,19 +133,18 @@ def fake_inputs(value: Any, mode: FakeTensorMode, *, inside_container: bool = Fa
 
     Floating-point tensors become fake. Integer tensors inside containers stay real copies:
     they are cache indices that attention code reads with ``.item()``, and they are small.
-    Containers are rebuilt so the twin's writes never reach the caller.
+    Containers (dicts, lists, tuples, namedtuples, dataclasses, plain objects) are rebuilt
+    so the twin's writes never reach the caller.
     """
-    if isinstance(value, torch.Tensor):
-        if inside_container and not (value.is_floating_point() or value.is_complex()) and not is_fake(value):
-            return value.detach().clone()
-        return _faker(mode)(value)
-    if isinstance(value, dict):
-        return {k: fake_inputs(v, mode, inside_container=True) for k, v in value.items()}
-    if isinstance(value, list):
-        return [fake_inputs(v, mode, inside_container=True) for v in value]
-    if isinstance(value, tuple):
-        return tuple(fake_inputs(v, mode, inside_container=True) for v in value)
-    return value
+    to_fake = _faker(mode)
+
+    def convert(tensor: torch.Tensor, inside: bool) -> torch.Tensor:
+        if (inside or inside_container) and not (tensor.is_floating_point() or tensor.is_complex()) \
+                and not is_fake(tensor):
+            return tensor.detach().clone()
+        return to_fake(tensor)
+
+    return map_tensors(value, convert)
 
 
 #: Tensor factories the tracer records (``torch.<name>``), so the graph recreates them per call.
