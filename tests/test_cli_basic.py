@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from report_fakes import DoubledBlock, TinyBranch, fake_result
 from surgery.cli import commands
@@ -243,9 +243,12 @@ def test_dry_run_reports_matches_only(engine, tmp_path, capsys):
     assert engine.calls == [("apply", "Tiny", "vace", True, True)]
 
 
-def test_factory_without_example_inputs(engine, capsys):
-    assert main(["apply", f"{__name__}:bare_factory"]) == 0
-    assert engine.calls == [("apply", "Tiny", "vace", False, False)]
+def test_factory_without_example_inputs_for_an_unknown_class_says_what_is_missing(engine, capsys):
+    assert main(["apply", f"{__name__}:bare_factory"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "returned a report_fakes.Tiny without example inputs" in line and "built-in models (longlive" in line
+    assert "fix: return (model, (args, kwargs)) from the factory" in line
+    assert engine.calls == []
 
 
 def test_apply_validate_passes(engine, tmp_path, capsys):
@@ -272,8 +275,10 @@ def test_validation_failure_exits_1(engine, tmp_path, capsys):
 
 def test_weights_and_save(engine, tmp_path, capsys):
     saved = tmp_path / "branch.safetensors"
-    assert main(["apply", FACTORY, "--weights", "w.safetensors", "--save", str(saved)]) == 0
-    assert ("load_weights", True, "w.safetensors") in engine.calls
+    weights = tmp_path / "w.safetensors"
+    save_file({"vace_blocks.0.w": torch.zeros(2)}, str(weights))  # headers are checked before any work
+    assert main(["apply", FACTORY, "--weights", str(weights), "--save", str(saved)]) == 0
+    assert ("load_weights", True, str(weights)) in engine.calls
     assert "tensors loaded" in capsys.readouterr().out
     tensors = load_file(saved)
     assert tensors and all(k.startswith(("vace_embed.", "vace_blocks.0.", "vace_blocks.1.")) for k in tensors)

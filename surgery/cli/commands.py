@@ -21,9 +21,20 @@ from rich.console import Console
 from rich.table import Table
 
 from surgery.cli import render
-from surgery.cli.loading import LoadedModel, build_rule, builtin_pipelines, load_model, rule_parameters
+from surgery.cli.loading import (
+    LoadedModel,
+    ModelSource,
+    build_rule,
+    builtin_pipelines,
+    load_model,
+    parse_set,
+    resolve_model,
+    rule_parameters,
+)
+from surgery.cli.memory import memory_guard
+from surgery.cli.preflight import check_output_file, check_report, check_weights
 from surgery.errors import InputError, SurgeryError
-from surgery.reports.diff import compare_to_golden, write_golden
+from surgery.reports.diff import compare_to_golden, read_golden, write_golden
 from surgery.reports.files import atomic_write_bytes
 from surgery.reports.report import build_report, golden_section, normalise_validation, render_markdown, summary_line, write_report
 
@@ -191,26 +202,53 @@ def _threads_for(model: Any) -> None:
         torch.set_num_threads(1)
 
 
+def _size_hint(source: ModelSource, settings: Sequence[str]) -> str:
+    """The fix for running out of memory: the options that decide the sizes, with their values."""
+    sizes = [f"--set {k}={v}" for k, v in parse_set(settings).items() if isinstance(v, int) and not isinstance(v, bool)]
+    if source.builtin:
+        sizes.append(f"--size (now {source.size})")
+    return (f"lower the sizes asked for: {', '.join(sizes)}" if sizes else "use a smaller model") + ", or free memory"
+
+
+def _rewrite(backend: Backend, loaded: LoadedModel, rule: Any, source: ModelSource, settings: Sequence[str],
+             dry_run: bool) -> Any:
+    # The example inputs the rule adds (e.g. a vace_context of vace_in_dim channels) and the
+    # grafted modules are built here, so their size comes from the options.
+    with memory_guard(f"for surgery on {loaded.name} (example inputs and grafted modules)",
+                      _size_hint(source, settings)):
+        return backend.apply(loaded.model, rule, example_inputs=loaded.example_inputs, dry_run=dry_run)
+
+
 def run_apply(opts: ApplyOptions, backend: Backend | None = None) -> int:
-    """``surgery apply``: rewrite MODEL by rule, optionally load weights, validate, save and report."""
+    """``surgery apply``: rewrite MODEL by rule, optionally load weights, validate, save and report.
+
+    Every option and path is checked before the model is built.
+    """
     if opts.dry_run and (opts.validate or opts.save or opts.weights):
         flag = "--validate" if opts.validate else "--save" if opts.save else "--weights"
         raise InputError(f"{flag} needs the rewritten model, which --dry-run does not build", f"drop --dry-run or {flag}")
+    if opts.weights:
+        check_weights(opts.weights)
+    if opts.save:
+        check_output_file(opts.save)
+    if opts.report:
+        check_report(opts.report)
+    source = resolve_model(opts.model, opts.size)
+    rule = build_rule(opts.rule, opts.set, source)
     backend = backend or engine_backend()
     out = render.console()
     if opts.validate is None:
         # The main job (`surgery apply longlive`) validates; large sizes and factories opt in.
-        opts.validate = (not opts.dry_run and opts.model in builtin_pipelines()
-                         and (opts.size or "tiny") == "tiny")
+        opts.validate = not opts.dry_run and source.builtin and source.size == "tiny"
     need_values = bool(opts.validate or opts.save or opts.weights)
     loaded = load_model(opts.model, size=opts.size, seed=opts.seed, need_values=need_values)
     _threads_for(loaded.model)
-    rule = build_rule(opts.rule, opts.set, loaded)
-    result = backend.apply(loaded.model, rule, example_inputs=loaded.example_inputs, dry_run=opts.dry_run)
+    result = _rewrite(backend, loaded, rule, source, opts.set, opts.dry_run)
     _print_result(out, result)
 
     if opts.weights:
-        load_report = backend.load_weights(result.module, opts.weights, rule)
+        with memory_guard(f"to load --weights {opts.weights}", "free memory"):
+            load_report = backend.load_weights(result.module, opts.weights, rule)
         if load_report is not None and hasattr(load_report, "as_rows"):
             out.print(render.rows_table(f"Weights: {opts.weights}", load_report.as_rows()))
 
@@ -243,7 +281,7 @@ def run_validate(opts: ApplyOptions, backend: Backend | None = None) -> int:
     return run_apply(opts, backend)
 
 
-def default_golden(loaded: LoadedModel, rule_name: str = "vace") -> Path:
+def default_golden(loaded: LoadedModel | ModelSource, rule_name: str = "vace") -> Path:
     """``tests/goldens/<model>.graph.txt`` for a built-in model at size tiny (``<model>.<size>.graph.txt`` otherwise).
 
     Goldens are per rule; the ``vace`` rule's are unqualified, others get ``<model>.<rule>``.
@@ -257,13 +295,24 @@ def default_golden(loaded: LoadedModel, rule_name: str = "vace") -> Path:
 
 
 def run_diff(opts: DiffOptions, backend: Backend | None = None) -> int:
-    """``surgery diff``: compare the rewritten graph with its golden (exit 1 on drift) or ``--update`` it."""
+    """``surgery diff``: compare the rewritten graph with its golden (exit 1 on drift) or ``--update`` it.
+
+    The golden is read (or, with ``--update``, its place checked) before the model is built.
+    """
+    source = resolve_model(opts.model, opts.size)
+    rule = build_rule(opts.rule, opts.set, source)
+    golden_path = Path(opts.golden) if opts.golden else default_golden(source, opts.rule)
+    if opts.update:
+        check_output_file(str(golden_path))
+        golden_text = None
+    else:
+        golden_text = read_golden(golden_path)
+    if opts.report:
+        check_report(opts.report)
     backend = backend or engine_backend()
     out = render.console()
     loaded = load_model(opts.model, size=opts.size, seed=opts.seed, need_values=False)
-    rule = build_rule(opts.rule, opts.set, loaded)
-    golden_path = Path(opts.golden) if opts.golden else default_golden(loaded, opts.rule)
-    result = backend.apply(loaded.model, rule, example_inputs=loaded.example_inputs, dry_run=False)
+    result = _rewrite(backend, loaded, rule, source, opts.set, False)
 
     golden = None
     code = 0
@@ -271,7 +320,7 @@ def run_diff(opts: DiffOptions, backend: Backend | None = None) -> int:
         write_golden(result.graph, golden_path)
         out.print(f"wrote golden {golden_path} ({len(result.graph.nodes)} nodes)")
     else:
-        diff = compare_to_golden(result.graph, golden_path)
+        diff = compare_to_golden(result.graph, golden_path, golden_text)
         golden = golden_section(diff, golden_path)
         if diff.equal:
             out.print(f"graph matches golden {golden_path}")

@@ -2,6 +2,8 @@
 
 MODEL is either a built-in example name (a key of ``examples.PIPELINES``) or
 ``package.module:factory``, where ``factory()`` returns a model or ``(model, (args, kwargs))``.
+Surgery traces one call of the model, so a factory that returns only a model must return
+an instance of a built-in model class (its call is known) or say how to call it.
 """
 from __future__ import annotations
 
@@ -14,11 +16,25 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch.nn as nn
 
+from surgery.cli.memory import memory_guard
 from surgery.errors import InputError, SurgeryError
 
 SIZES = ("tiny", "1.3B", "14B")
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What the MODEL argument names, known before anything is built or imported from user code."""
+
+    name: str  # the MODEL argument as given
+    pipeline: Any = None  # examples PipelineSpec for built-in models, else None
+    size: str | None = None  # built-in models only
+
+    @property
+    def builtin(self) -> bool:
+        return self.pipeline is not None
 
 
 @dataclass
@@ -52,15 +68,50 @@ def _example_call(model: nn.Module, pipeline: Any, seed: int) -> tuple[tuple, di
     return tuple(args), dict(kwargs)
 
 
-def _load_builtin(name: str, pipeline: Any, size: str | None, seed: int, need_values: bool) -> LoadedModel:
-    size = size or "tiny"
-    if size not in SIZES:
-        raise InputError(f"unknown size {size!r}", f"use one of {', '.join(SIZES)}")
+def _load_builtin(source: ModelSource, seed: int, need_values: bool) -> LoadedModel:
+    size = source.size or "tiny"
     # Real sizes are built on the meta device unless weights are actually needed: tracing
     # and matching never read values, and a random 14B model needs ~56 GB.
     init = "random" if size == "tiny" or need_values else "meta"
-    model = pipeline.build(size=size, seed=seed, init=init)
-    return LoadedModel(name=name, model=model, example_inputs=_example_call(model, pipeline, seed), pipeline=pipeline, size=size)
+    with memory_guard(f"to build {source.name} at --size {size} and its example inputs",
+                      "use a smaller --size (tiny is the default), or free memory"):
+        model = source.pipeline.build(size=size, seed=seed, init=init)
+        inputs = _example_call(model, source.pipeline, seed)
+    return LoadedModel(name=source.name, model=model, example_inputs=inputs, pipeline=source.pipeline, size=size)
+
+
+def _pipeline_modules() -> dict[str, str]:
+    """``examples.PIPELINE_MODULES`` (built-in name -> module name), or {} without the examples package."""
+    try:
+        return dict(getattr(importlib.import_module("examples"), "PIPELINE_MODULES", {}) or {})
+    except ImportError:
+        return {}
+
+
+def pipeline_of(model: nn.Module) -> Any:
+    """The built-in pipeline whose model class ``model`` is (or derives from), else ``None``."""
+    modules = _pipeline_modules()
+    pipelines = builtin_pipelines()
+    for cls in type(model).__mro__:
+        for name, module_name in modules.items():
+            if cls.__module__ == module_name and name in pipelines and pipelines[name].model_class is cls:
+                return pipelines[name]
+    return None
+
+
+def _derived_inputs(model: nn.Module, spec: str, seed: int) -> tuple[tuple, dict]:
+    """Example inputs for a factory that returned only a model: known for the built-in model classes."""
+    pipeline = pipeline_of(model)
+    if pipeline is None:
+        raise InputError(
+            f"factory {spec} returned a {type(model).__module__}.{type(model).__qualname__} without example inputs, "
+            "and the command line can make example inputs only for the model classes of the built-in models "
+            f"({', '.join(_pipeline_modules()) or 'none installed'})",
+            "return (model, (args, kwargs)) from the factory: the arguments of one typical call of the model, "
+            "its caches included",
+        )
+    with memory_guard(f"to make example inputs for {spec}", "build a smaller model in the factory, or free memory"):
+        return _example_call(model, pipeline, seed)
 
 
 def _split_example(value: Any, spec: str) -> tuple[nn.Module, tuple[tuple, dict] | None]:
@@ -82,10 +133,14 @@ def _split_example(value: Any, spec: str) -> tuple[nn.Module, tuple[tuple, dict]
     )
 
 
-def _load_factory(spec: str) -> LoadedModel:
+def _check_reference(spec: str) -> None:
     module_name, _, attr = spec.partition(":")
     if not _DOTTED.match(module_name) or not _DOTTED.match(attr):
         raise InputError(f"bad model reference {spec!r}", "write it as package.module:factory")
+
+
+def _load_factory(spec: str, seed: int) -> LoadedModel:
+    module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any import-time failure of user code is an input problem
@@ -113,23 +168,43 @@ def _load_factory(spec: str) -> LoadedModel:
     else:
         raise InputError(f"{spec} is a {type(target).__name__}, not a model factory", "point MODEL at a function that returns a model")
     model, inputs = _split_example(value, spec)
+    if inputs is None:
+        inputs = _derived_inputs(model, spec, seed)
     return LoadedModel(name=spec, model=model, example_inputs=inputs)
 
 
-def load_model(spec: str, size: str | None = None, seed: int = 0, need_values: bool = True) -> LoadedModel:
-    """Build the model named by the CLI's MODEL argument.
+def resolve_model(spec: str, size: str | None = None) -> ModelSource:
+    """What MODEL names, checked without building or importing anything of the user's.
 
-    ``need_values=False`` lets built-in models at real sizes (1.3B, 14B) live on the meta
-    device (enough for tracing, matching and graph diffs). Raises :class:`InputError` for
-    an unknown name, an unimportable module or a factory that does not return a model.
+    Raises :class:`InputError` for an unknown name, an unknown size or a malformed
+    ``package.module:factory`` reference.
     """
     pipelines = builtin_pipelines()
     if spec in pipelines:
-        return _load_builtin(spec, pipelines[spec], size, seed, need_values)
+        size = size or "tiny"
+        if size not in SIZES:
+            raise InputError(f"unknown size {size!r}", f"use one of {', '.join(SIZES)}")
+        return ModelSource(spec, pipelines[spec], size)
     if ":" in spec:
-        return _load_factory(spec)
+        _check_reference(spec)
+        return ModelSource(spec)
     known = ", ".join(sorted(pipelines)) or "(none installed)"
     raise InputError(f"unknown model {spec!r}", f"use a built-in model ({known}) or package.module:factory")
+
+
+def load_model(spec: str, size: str | None = None, seed: int = 0, need_values: bool = True) -> LoadedModel:
+    """Build the model named by the CLI's MODEL argument, with example inputs for one call.
+
+    ``need_values=False`` lets built-in models at real sizes (1.3B, 14B) live on the meta
+    device (enough for tracing, matching and graph diffs). Raises :class:`InputError` for
+    an unknown name, an unimportable module, a factory that does not return a model, a
+    factory model without example inputs whose call the CLI does not know, or too little
+    memory for the sizes asked for.
+    """
+    source = resolve_model(spec, size)
+    if source.builtin:
+        return _load_builtin(source, seed, need_values)
+    return _load_factory(spec, seed)
 
 
 def parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -165,7 +240,7 @@ def rule_parameters(factory: Callable[..., Any]) -> dict[str, inspect.Parameter]
     return {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def build_rule(name: str, settings: Sequence[str], loaded: LoadedModel | None = None) -> Any:
+def build_rule(name: str, settings: Sequence[str], loaded: LoadedModel | ModelSource | None = None) -> Any:
     """Build rule ``name`` from ``--set`` items.
 
     For a built-in model built at its pipeline's real size (``config.base_model``), any rule
@@ -200,9 +275,12 @@ def build_rule(name: str, settings: Sequence[str], loaded: LoadedModel | None = 
 __all__ = [
     "SIZES",
     "LoadedModel",
+    "ModelSource",
     "build_rule",
     "builtin_pipelines",
     "load_model",
+    "pipeline_of",
+    "resolve_model",
     "parse_set",
     "rule_factory",
     "rule_parameters",

@@ -1,19 +1,25 @@
 """``surgery`` / ``python -m surgery``: argument parsing and error handling.
 
-Exit codes: 0 success; 1 validation failed or the graph drifted from its golden; 2 bad
-usage, bad input or any SurgeryError (one line on stderr; the traceback only with
-``--debug``); 3 an unexpected internal error (a bug: rerun with ``--debug``).
+Exit codes: 0 success (also when the reader of stdout went away, as in ``surgery models |
+head -1``); 1 validation failed or the graph drifted from its golden; 2 bad usage, bad
+input, any SurgeryError or too little memory for the sizes asked for (one line on stderr;
+the traceback only with ``--debug``); 3 an unexpected internal error (a bug: one line
+pointing at ``--debug``); 130 interrupted (Ctrl-C). No traceback is shown without ``--debug``.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from typing import NoReturn, Sequence
 
+from surgery.cli.memory import describe, is_out_of_memory
 from surgery.errors import SurgeryError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+SEED_MAX = 2 ** 64 - 1  # torch.manual_seed's range for non-negative seeds
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,6 +27,16 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: not an integer") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"seed {value} is out of range: use an integer from 0 to 2**64-1")
+    return value
 
 
 def _rule_names() -> list[str]:
@@ -38,7 +54,7 @@ def _common(parser: argparse.ArgumentParser, *, sizes: bool = True) -> None:
 
     parser.add_argument("--size", choices=SIZES, default=None,
                         help="size of a built-in model (default: tiny); ignored for package.module:factory")
-    parser.add_argument("--seed", type=int, default=0, help="seed for a built-in model's random weights (default: 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed for a built-in model's random weights (default: 0)")
 
 
 def _model_and_rule(parser: argparse.ArgumentParser) -> None:
@@ -117,8 +133,28 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (the ``surgery`` script exits with it)."""
+def _say(line: str) -> None:
+    """One line on stderr; a closed stderr is not worth a traceback."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush into a closed pipe cannot fail.
+
+    The recipe of Python's "Note on SIGPIPE" (signal module documentation).
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor behind stdout (e.g. captured in tests)
+        pass
+
+
+def _run(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2, already printed)
@@ -126,20 +162,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False))
     try:
         return _dispatch(args)
+    except BrokenPipeError:
+        raise
     except SurgeryError as exc:
         if debug:
             traceback.print_exc()
-        print(f"surgery: error: {_one_line(exc)}", file=sys.stderr)
+        _say(f"surgery: error: {_one_line(exc)}")
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("surgery: interrupted", file=sys.stderr)
-        return 130
     except Exception as exc:  # a bug, not bad input: say so and keep it distinguishable in CI
         if debug:
             traceback.print_exc()
-        print(f"surgery: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        if is_out_of_memory(exc):  # the sizes asked for do not fit this machine: not a bug
+            _say(f"surgery: error: not enough memory{describe(exc)}; fix: use a smaller --size or model, "
+                 "or free memory")
+            return EXIT_USAGE
+        _say(f"surgery: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)")
         return EXIT_INTERNAL
 
 
-__all__ = ["EXIT_FAILED", "EXIT_INTERNAL", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (the ``surgery`` script exits with it)."""
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here at the latest, not in the interpreter's final flush
+        return code
+    except BrokenPipeError:  # the reader went away (`surgery models | head -1`): nothing left to say
+        _silence_stdout()
+        return EXIT_OK
+    except KeyboardInterrupt:
+        _say("surgery: interrupted")
+        return EXIT_INTERRUPTED
+
+
+__all__ = ["EXIT_FAILED", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]

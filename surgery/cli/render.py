@@ -1,6 +1,7 @@
 """Rich tables and progress for the command line (the report files are built elsewhere)."""
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -9,10 +10,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich would exit with code 1, which here means "validation failed"; the CLI's main
+        # turns a closed pipe (`surgery models | head -1`) into a quiet exit 0 instead.
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+
 def console(stderr: bool = False) -> Console:
     """A console bound to the *current* sys.stdout/sys.stderr (so pytest's capture sees it)."""
     # soft_wrap: long diff lines and change descriptions stay on one line (copyable, greppable).
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    return _Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
 def matches_table(matches: Sequence[Any]) -> Table:

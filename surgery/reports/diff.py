@@ -18,7 +18,7 @@ import torch.fx
 
 from surgery.errors import ReportError
 from surgery.reports.canonical import ParsedLine, canonical_text, parse_canonical
-from surgery.reports.files import atomic_write_text
+from surgery.reports.files import atomic_write_text, path_kind
 
 _COUNTER = re.compile(r"#\d+")
 _REF = re.compile(r"%[^\s,()\[\]{}]+")
@@ -201,22 +201,37 @@ def diff_graphs(before: torch.fx.Graph, after: torch.fx.Graph, before_label: str
 
 
 def read_golden(golden_path: str | os.PathLike[str]) -> str:
-    """Read a golden canonical text; :class:`ReportError` if it is missing or unreadable."""
+    """Read a golden canonical text; :class:`ReportError` if it is missing, not a regular file, unreadable or not UTF-8."""
     path = Path(golden_path)
+    update = "create it with `surgery diff MODEL --update` and commit it"
+    kind = path_kind(path)
+    if kind not in (None, "a regular file"):
+        # Opening a FIFO or a device would block or read forever.
+        raise ReportError(f"golden graph {path} is {kind}, not a regular file", "pass the golden .graph.txt file")
     try:
-        # Text mode reads CRLF as LF, so an autocrlf checkout does not read as drift.
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise ReportError(
-            f"golden graph {path} does not exist", "create it with `surgery diff MODEL --update` and commit it"
-        ) from exc
+        data = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise ReportError(f"golden graph {path} does not exist", update) from exc
     except OSError as exc:
         raise ReportError(f"cannot read golden graph {path}: {exc.strerror or exc}", "check the path and its permissions") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ReportError(
+            f"golden graph {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})",
+            f"it is not a golden written by surgery; {update.replace('create', 'rewrite')}",
+        ) from exc
+    # As text mode would: CRLF reads as LF, so an autocrlf checkout does not read as drift.
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def compare_to_golden(graph: torch.fx.Graph, golden_path: str | os.PathLike[str]) -> GraphDiff:
-    """Diff ``graph`` (canonicalised) against the golden text at ``golden_path`` (golden -> current)."""
-    golden = read_golden(golden_path)
+def compare_to_golden(graph: torch.fx.Graph, golden_path: str | os.PathLike[str], golden: str | None = None) -> GraphDiff:
+    """Diff ``graph`` (canonicalised) against the golden text at ``golden_path`` (golden -> current).
+
+    ``golden`` is the golden's text when it was already read (the CLI reads it before any work).
+    """
+    if golden is None:
+        golden = read_golden(golden_path)
     return diff_texts(golden, canonical_text(graph), before_label=f"{golden_path} (golden)", after_label="current")
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from surgery.errors import ReportError
 
@@ -23,10 +24,75 @@ def _fix_for(directory: Path) -> str:
     return f"make {directory} writable or write somewhere else (e.g. another --report DIR), and check free disk space"
 
 
+_KINDS = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def path_kind(path: str | os.PathLike[str]) -> str | None:
+    """What is at ``path`` (links followed): ``"a regular file"``, ``"a directory"``, ``"a named pipe (FIFO)"``,
+    ``"a character device"``, ... or ``None`` when nothing is there (or it cannot be looked at)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # missing, a file as a parent, no permission to look; ValueError: a NUL byte
+        return None
+    return next((kind for test, kind in _KINDS if test(mode)), "a special file")
+
+
+_DIRECTORY_FIX = "name a directory (it is created if missing) or a path where one can be created"
+
+
+def _not_a_directory(directory: Path, what: str = "report path") -> ReportError:
+    # mkdir would say "File exists", which reads as if the directory were fine.
+    return ReportError(f"{what} {directory} exists and is not a directory", _DIRECTORY_FIX)
+
+
+def _refuse_special(path: Path) -> None:
+    """Only a regular file may be replaced: a device node, FIFO or socket is never swapped for a file."""
+    kind = path_kind(path)
+    if kind not in (None, "a regular file"):
+        raise ReportError(f"{path} exists and is {kind}, not a regular file",
+                          f"write to a file path instead; {path} is left as it is")
+
+
+def _creatable_in(directory: Path, what: str) -> None:
+    """Refuse ``directory`` unless files can be created in it, or it can be created (probed, nothing left behind)."""
+    ancestor = directory
+    while path_kind(ancestor) is None and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if path_kind(ancestor) != "a directory":
+        raise ReportError(f"cannot create {what} {directory}: Not a directory ({ancestor} is {path_kind(ancestor)})",
+                          _DIRECTORY_FIX)
+    try:
+        fd, probe = tempfile.mkstemp(dir=ancestor, prefix=".surgery-probe-")
+    except OSError as exc:
+        where = "" if ancestor == directory else f" (in {ancestor})"
+        raise ReportError(f"cannot write in {what} {directory}{where}: {exc.strerror or exc}",
+                          _fix_for(ancestor)) from exc
+    os.close(fd)
+    _remove_quietly(Path(probe))
+
+
+def check_writable(files: Iterable[str | os.PathLike[str]], what: str = "directory") -> None:
+    """Check, before any work, that :func:`atomic_write_many` could write ``files``.
+
+    Each existing target must be a regular file (a device node, FIFO, socket or directory is
+    refused, never replaced), and each parent must exist as a directory that accepts new
+    files, or be creatable. ``what`` names the parent in messages (e.g. ``"report directory"``).
+    """
+    parents: list[Path] = []
+    for file in map(Path, files):
+        _refuse_special(file)
+        if file.parent not in parents:
+            parents.append(file.parent)
+    for parent in parents:
+        if path_kind(parent) not in (None, "a directory"):
+            raise _not_a_directory(parent, what)
+        _creatable_in(parent, what)
+
+
 def _ensure_dir(directory: Path) -> None:
     if directory.exists() and not directory.is_dir():
-        # mkdir would say "File exists", which reads as if the directory were fine.
-        raise ReportError(f"report path {directory} exists and is not a directory", _fix_for(directory))
+        raise _not_a_directory(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -34,7 +100,7 @@ def _ensure_dir(directory: Path) -> None:
             f"cannot create report directory {directory}: {exc.strerror or exc}", _fix_for(directory)
         ) from exc
     if not directory.is_dir():
-        raise ReportError(f"report path {directory} exists and is not a directory", _fix_for(directory))
+        raise _not_a_directory(directory)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -130,6 +196,7 @@ def atomic_write_many(files: Mapping[str | os.PathLike[str], str | bytes]) -> li
         try:
             for path, data in targets:
                 current = path
+                _refuse_special(path)
                 _ensure_dir(path.parent)
                 staged.append((_stage(path, data), path))
             if len(staged) > 1:
@@ -167,4 +234,4 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return atomic_write_many({path: data})[0]
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_many", "atomic_write_text"]
+__all__ = ["atomic_write_bytes", "atomic_write_many", "atomic_write_text", "check_writable", "path_kind"]
