@@ -203,7 +203,7 @@ def _apply(model: nn.Module, rule: Rule, example_inputs: tuple[tuple, dict], dry
         raise ArgumentError(f"example_inputs do not fit the model: {error.problem}", error.fix) from None
     new = share_tree(model)
     new.__dict__["_surgery"] = state
-    new.__class__ = rewritten_class(type(model))
+    new.__class__ = rewritten_class(type(model), rule.inputs)
     latent_name = _latent_name(inputs)
     latent = inputs.get(latent_name) if latent_name else None
     inputs.update(rule.check_call(_example_inputs(rule, latent, new, rule_inputs), inputs, latent, new)

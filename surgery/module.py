@@ -9,16 +9,22 @@ Every call is checked before any graph runs or is built, whatever its form (posi
 keyword latent, through a PEFT wrapper, after a re-specialisation): the base entry point's
 arguments (:mod:`.entry`), then the rule's own inputs (``Rule.check_call``).
 
+The rewritten class's ``forward``, and each method the base ``forward`` passes its arguments
+on to (``_forward_inference``), show the base signature plus the rule's inputs as keyword-only
+parameters, so a host that filters keyword arguments by ``inspect.signature`` passes
+``vace_context`` through; a call of such a method is traced from that method.
+
 A rewritten model pickles (``torch.save``, ``pickle``, ``copy.deepcopy``) as its module tree
 plus the recipe of its rule (registered name and options, :mod:`.saving`); loading rebuilds
 the rule and an empty specialisation cache, so the first call traces again.
 """
 from __future__ import annotations
 
+import inspect
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
@@ -28,7 +34,7 @@ from .rewriting.specialise import Specialisation, call_signature, specialise
 from .rule import Rule
 from .saving import rebuild_rule, rule_recipe
 
-_CLASSES: dict[type, type] = {}
+_CLASSES: dict[tuple, type] = {}
 
 
 @dataclass
@@ -63,11 +69,13 @@ class SurgeryState:
         inputs.update(sorted(kwargs.items()))
         return inputs, rule_inputs, len(args)
 
-    def lookup(self, model: nn.Module, inputs: dict[str, Any]) -> Specialisation | None:
+    def lookup(self, model: nn.Module, inputs: dict[str, Any], entry: str = "forward") -> Specialisation | None:
         signature = call_signature(inputs)
         misses = []
         for key in reversed(self.specialisations):
             spec = self.specialisations[key]
+            if spec.entry != entry:
+                continue
             rechecked = spec.guards.rechecked
             failure = spec.guards.first_failure(signature, inputs, model)
             if failure is None:
@@ -120,14 +128,15 @@ class SurgeryState:
         state.reasons.append("restored from a pickle or copy")
         return state
 
-    def call(self, model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    def call(self, model: nn.Module, args: tuple, kwargs: dict, entry: str = "forward") -> Any:
+        """Run a call of ``entry`` (``forward`` or a method it dispatches to) on its specialised graph."""
         started = time.perf_counter()
         rechecks = self.rechecks
         inputs, positional = self.prepare(model, args, kwargs)
-        spec = self.lookup(model, inputs)
+        spec = self.lookup(model, inputs, entry)
         outcome = "rechecked" if self.rechecks != rechecks else "cached"
         if spec is None:
-            spec, _, _ = specialise(model, self.base_cls, self.rule, inputs, positional)
+            spec, _, _ = specialise(model, self.base_cls, self.rule, inputs, positional, entry)
             self.add(spec)
             self.reasons.append("; ".join(self.last_misses) if self.last_misses else "first call")
             outcome = "specialised"
@@ -170,14 +179,56 @@ class RewrittenModel(nn.Module):
 
 def _restore(base_cls: type, recipe: tuple[str, dict[str, Any]], saved: dict[str, Any]) -> RewrittenModel:
     """Unpickling: an empty rewritten model with its rule rebuilt; pickle then sets its tree."""
-    model = object.__new__(rewritten_class(base_cls))
-    model.__dict__["_surgery"] = SurgeryState.restored(rebuild_rule(recipe), base_cls, saved)
+    rule = rebuild_rule(recipe)
+    model = object.__new__(rewritten_class(base_cls, rule.inputs))
+    model.__dict__["_surgery"] = SurgeryState.restored(rule, base_cls, saved)
     return model
 
 
-def rewritten_class(base_cls: type) -> type:
-    """``Rewritten<Base>``: subclass of both, so ``isinstance(m, Base)`` still holds."""
-    if base_cls not in _CLASSES:
-        _CLASSES[base_cls] = type(f"Rewritten{base_cls.__name__}", (RewrittenModel, base_cls),
-                                  {"__module__": base_cls.__module__})
-    return _CLASSES[base_cls]
+def rewritten_class(base_cls: type, inputs: Mapping[str, Any] | None = None) -> type:
+    """``Rewritten<Base>``: subclass of both, so ``isinstance(m, Base)`` still holds.
+
+    ``inputs`` are the rule's call inputs and defaults: ``forward`` and every entry method
+    (see the module docstring) list them as keyword-only parameters.
+    """
+    inputs = dict(inputs or {})
+    key = (base_cls, tuple((name, repr(default)) for name, default in inputs.items()))
+    if key not in _CLASSES:
+        body: dict[str, Any] = {"__module__": base_cls.__module__}
+        for name in entry_methods(base_cls):
+            body[name] = _entry(base_cls, name, inputs)
+        _CLASSES[key] = type(f"Rewritten{base_cls.__name__}", (RewrittenModel, base_cls), body)
+    return _CLASSES[key]
+
+
+def entry_methods(base_cls: type) -> list[str]:
+    """``forward`` and the methods it passes its ``*args, **kwargs`` on to (:mod:`.entry`)."""
+    names = ["forward"]
+    for qualname, _ in EntryPoint.of(base_cls).targets:
+        name = qualname.rsplit(".", 1)[-1]
+        if name not in names and callable(inspect.getattr_static(base_cls, name, None)):
+            names.append(name)
+    return names
+
+
+def _entry(base_cls: type, name: str, inputs: Mapping[str, Any]) -> Any:
+    """A method that runs calls of ``name`` through surgery, with the signature hosts read."""
+    def entry(self: RewrittenModel, *args: Any, **kwargs: Any) -> Any:
+        return self.surgery_state.call(self, args, kwargs, name)
+
+    entry.__name__ = name
+    entry.__qualname__ = f"Rewritten{base_cls.__name__}.{name}"
+    entry.__doc__ = getattr(getattr(base_cls, name), "__doc__", None)
+    entry.__signature__ = with_inputs(inspect.signature(getattr(base_cls, name)), inputs)  # type: ignore[attr-defined]
+    return entry
+
+
+def with_inputs(signature: inspect.Signature, inputs: Mapping[str, Any]) -> inspect.Signature:
+    """``signature`` plus keyword-only ``inputs`` (with their defaults), before any ``**kwargs``."""
+    params = list(signature.parameters.values())
+    names = {p.name for p in params}
+    tail = [p for p in params if p.kind is p.VAR_KEYWORD]
+    head = [p for p in params if p.kind is not p.VAR_KEYWORD]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+             for name, default in inputs.items() if name not in names]
+    return signature.replace(parameters=head + added + tail)

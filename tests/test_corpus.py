@@ -7,8 +7,8 @@ with caches. Tracing never touches the caller's model or caches, even when apply
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
+import inspect
 from typing import Any
 
 import pytest
@@ -17,6 +17,9 @@ import torch.nn as nn
 
 import surgery
 from corpus.handwritten import HookedVace, random_vace_weights
+from examples import PIPELINES
+from examples.driver import example_call
+from examples.reference import CausalVaceWanModel, load_vace_state_dict, random_vace_state_dict
 from rules import vace
 from surgery.errors import MatchError
 
@@ -176,3 +179,52 @@ def test_model_without_num_layers_gets_a_hint_every_second_matched_block(name):
     assert [m.position for m in result.matches] == list(range(count))
     assert [m.hint_index for m in result.matches] == [k // 2 if k % 2 == 0 else None for k in range(count)]
     assert len(result.module.vace_blocks) == (count + 1) // 2
+
+
+# --- signatures hosts can read (#11 item 4) -------------------------------------------------
+
+#: What scope's generator passes besides the example call's own keywords (pipelines spec 8.3).
+GENERATOR_KWARGS = {"kv_bank": None, "update_bank": False, "q_bank": False, "update_cache": False,
+                    "is_recache": False, "current_end": None, "cache_start": None, "kv_cache_attention_bias": 1.0,
+                    "sink_recache_after_switch": False}
+
+
+def scope_call_model(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """scope's ``WanDiffusionWrapper._call_model`` (pipelines spec 8.2): keywords that
+    ``model._forward_inference`` does not list are dropped unless it takes ``**kwargs``."""
+    params = inspect.signature(model._forward_inference).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return model(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_host_that_filters_keywords_by_signature_passes_vace_inputs(name):
+    pipeline = PIPELINES[name]
+    base = pipeline.build("tiny", seed=0)
+    result = surgery.apply(base, vace.rule(), example_inputs=example_call(base, pipeline, height=64, width=64))
+    model = result.module
+    for method in ("forward", "_forward_inference"):
+        params = inspect.signature(getattr(model, method)).parameters
+        assert params["vace_context"].kind is inspect.Parameter.KEYWORD_ONLY and params["vace_context"].default is None
+        assert params["vace_context_scale"].kind is inspect.Parameter.KEYWORD_ONLY
+    reference = CausalVaceWanModel(pipeline.build("tiny", seed=0))
+    weights = random_vace_state_dict(reference, seed=3)
+    load_vace_state_dict(reference, weights)
+    model.load_state_dict(weights, strict=False)
+    context = torch.randn(1, 96, pipeline.config.num_frame_per_block, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def host(target: nn.Module, call: Any = scope_call_model) -> torch.Tensor:
+        args, kwargs = example_call(target, pipeline, height=64, width=64)  # fresh caches for each model
+        kwargs = {**GENERATOR_KWARGS, **kwargs, "vace_context": context, "vace_context_scale": 0.5}
+        with torch.no_grad():
+            return call(target, *args, **kwargs)
+
+    ours, theirs, plain = host(model), host(reference), host(base)
+    assert float((ours - theirs).abs().max()) == 0.0
+    assert float((ours - plain).abs().max()) > 0.0  # VACE is on
+    # The entry method itself runs through surgery, traced from that method.
+    direct = host(model, lambda target, *a, **k: target._forward_inference(
+        *a, **{n: v for n, v in k.items() if n in inspect.signature(target._forward_inference).parameters}))
+    assert float((direct - theirs).abs().max()) == 0.0
+    assert {spec.entry for spec in model.surgery_state.specialisations.values()} >= {"forward", "_forward_inference"}

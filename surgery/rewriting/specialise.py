@@ -53,6 +53,7 @@ class Specialisation:
     rewrite_s: float
     leaf_calls: dict[str, list[str]] = field(default_factory=dict)
     replaced: dict[fx.Node, fx.Node] = field(default_factory=dict)  # injected value -> the value it replaced
+    entry: str = "forward"  # the base method the graph was traced from
 
     def base_graph(self) -> fx.Graph:
         """The graph as traced, before the rule's actions (see :func:`without_rule`)."""
@@ -63,17 +64,19 @@ class Specialisation:
 
 
 def trace_base(model: nn.Module, base_cls: type, rule: Rule, inputs: dict[str, Any],
-               base_names: list[str], positional: int) -> tuple[ExampleTracer, Trace, nn.Module]:
-    """Trace ``base_cls.forward`` on a fake twin of ``model`` with example ``inputs``."""
+               base_names: list[str], positional: int, entry: str = "forward"
+               ) -> tuple[ExampleTracer, Trace, nn.Module]:
+    """Trace ``base_cls.<entry>`` (``forward``, or a method it dispatches to) on a fake twin of
+    ``model`` with example ``inputs``."""
     mode = new_fake_mode()
     twin = fake_twin(model, mode)
     twin.__class__ = base_cls
     tracer = ExampleTracer(rule.trace_policy)
 
     def call(root_proxy: ConcreteProxy, proxies: dict[str, Any]) -> Any:
-        args = [proxies[f"arg{i}"] for i in range(positional)]
-        kwargs = {name: proxies[name] for name in base_names if not name.startswith("arg")}
-        return base_cls.forward(twin, *args, **kwargs)
+        names = [f"arg{i}" for i in range(positional)]
+        kwargs = {name: proxies[name] for name in base_names if name not in names}  # a keyword may be called ``args``
+        return getattr(base_cls, entry)(twin, *[proxies[name] for name in names], **kwargs)
 
     trace = tracer.trace_call(twin, fake_inputs(inputs, mode), call)
     return tracer, trace, twin
@@ -186,15 +189,16 @@ def compile_graph(graph: fx.Graph, calls: Sequence[ModuleCall] = ()) -> tuple[st
     return "".join(source for source, _ in templates) + code.src, namespace["forward"]
 
 
-def specialise(model: nn.Module, base_cls: type, rule: Rule, inputs: dict[str, Any], positional: int
-               ) -> tuple[Specialisation, Trace, MatchResult]:
-    """Build the specialisation for ``inputs`` (real values; nothing real is executed)."""
+def specialise(model: nn.Module, base_cls: type, rule: Rule, inputs: dict[str, Any], positional: int,
+               entry: str = "forward") -> tuple[Specialisation, Trace, MatchResult]:
+    """Build the specialisation for ``inputs`` of a call of ``entry`` (real values; nothing real is executed)."""
     base_names = [n for n in inputs if n not in rule.inputs]
     started = time.perf_counter()
-    tracer, trace, twin = trace_base(model, base_cls, rule, inputs, base_names, positional)
+    tracer, trace, twin = trace_base(model, base_cls, rule, inputs, base_names, positional, entry)
     trace_s = time.perf_counter() - started
     result = match(trace, twin, rule, model)
     spec = finish(model, tracer, trace, result, rule, twin, inputs, trace_s)
+    spec.entry = entry
     return spec, trace, result
 
 

@@ -186,7 +186,9 @@ class TracePolicy:
         if not named and not caches.within((*args, *kwargs.values()), deep=False):
             return None
         runs_children = bool(_names_used(fn) & set(module._modules))
-        data = any(isinstance(v, torch.Tensor) and v not in caches for v in (*args, *kwargs.values()))
+        given = [*args, *kwargs.values()]
+        given += [item for v in given if isinstance(v, (list, tuple)) and not is_namedtuple(v) for item in v]
+        data = any(isinstance(v, torch.Tensor) and v not in caches for v in given)  # a latent, a list of latents
         return runs_children and data
 
 
