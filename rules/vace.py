@@ -6,12 +6,17 @@ without caches) turn them into one hint per selected layer, and the output of ma
 ``vace_layers[k]`` becomes ``x + hint_k * scale_k``. The whole branch runs before the first
 block because it only reads the patch-embedded latent ``x0`` and the blocks' shared inputs.
 
-Nothing here names a pipeline: blocks are found by structure, their constructor arguments
-are read from the blocks themselves, and the cache-free call passes only the arguments the
-block's ``forward`` requires (every optional argument, caches included, keeps its default).
+Nothing here names a pipeline or a model family: blocks are found by structure, their
+constructor arguments are read back from the blocks (their attributes, a config, their
+structure), and the cache-free call passes only the arguments the block's ``forward``
+requires (every optional argument, caches included, keeps its default). What differs
+between families (input names, projection names, caches, where settings live) is data in
+:mod:`rules.vace_profiles`; ``rule()`` detects the family of the model it is applied to.
 """
 from __future__ import annotations
 
+import dataclasses
+import re
 import sys
 from typing import Any, Sequence
 
@@ -21,21 +26,23 @@ import torch.nn as nn
 from surgery.errors import CallError, RuleError
 from surgery.grafting.build import allocate, rebuild_like, skipped_init, zero_linear
 from surgery.matching.pattern import ATTENTION_BLOCK
-from surgery.rule import GraftContext, Rule, Site, Where
+from surgery.rule import CallCheck, GraftContext, Rule, Site, Where
 from surgery.tracing.policy import TracePolicy
 
+from .vace_profiles import FALLBACK, PROFILES, VaceProfile, detect, resolve
+
 NAME = "vace"
-PATCH_EMBEDDING = "vace_patch_embedding"
-BLOCKS = "vace_blocks"
-# Arguments through which the Wan family passes mutable cache state.
-CACHE_ARGUMENTS = frozenset({"kv_cache", "crossattn_cache", "kv_bank"})
-# VACE blocks always use text-to-video cross-attention (vace.md 1.1).
-BLOCK_OVERRIDES = {"cross_attn_type": "t2v_cross_attn"}
+# The names check_call speaks: the original layout's (other profiles' names are translated),
+# and the grafted module names every built-in profile shares.
+CONTEXT, SCALE = FALLBACK.context_input, FALLBACK.scale_input
+PATCH_EMBEDDING = FALLBACK.patch_embedding
+BLOCKS = FALLBACK.blocks
 
 OPTIONS = {
-    "vace_in_dim": "channels of vace_context (96: 32 latent + 64 mask channels)",
+    "vace_in_dim": "channels of the control context (96: 32 latent + 64 mask channels)",
     "vace_layers": "main blocks that receive a hint; must contain 0 (default: every second block)",
-    "num_layers": "number of main blocks to expect (default: the model's num_layers attribute)",
+    "num_layers": "number of main blocks to expect (default: the count the model declares, else the match count)",
+    "profile": f"model family: {', '.join(PROFILES)} or a rules.vace_profiles.VaceProfile (default: detected)",
 }
 
 
@@ -63,14 +70,18 @@ def _check_layers(layers: Sequence[int] | None, num_layers: int | None) -> tuple
     return tuple(values)
 
 
-def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_layers: int | None = None) -> Rule:
+def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_layers: int | None = None,
+         profile: str | VaceProfile | None = None) -> Rule:
     """The VACE rule.
 
     Args:
-        vace_in_dim: channels of ``vace_context``.
+        vace_in_dim: channels of the control context.
         vace_layers: sorted, unique block indices containing 0; ``None`` selects every
             second block once the block count is known.
-        num_layers: the number of blocks to expect; ``None`` reads ``model.num_layers``.
+        num_layers: the number of blocks to expect; ``None``: the count the model declares
+            (its profile's ``block_count``), else whatever the pattern matches.
+        profile: the model family (:mod:`rules.vace_profiles`): a built-in name or a
+            ``VaceProfile``; ``None`` detects it when the rule is applied.
 
     Raises:
         RuleError: on invalid options (at construction, or at apply time for a range that
@@ -81,17 +92,24 @@ def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_la
     if num_layers is not None and (not isinstance(num_layers, int) or num_layers <= 0):
         raise RuleError(f"num_layers must be a positive integer, got {num_layers!r}", "omit it to read the model's")
     layers = _check_layers(vace_layers, num_layers)
+    family = resolve(profile) if profile is not None else FALLBACK
 
-    def resolved(count: int) -> tuple[int, ...]:
+    def resolved(count: int | None) -> tuple[int, ...]:
+        if count is None:  # before matching, on a model that declares no count
+            if layers is None:
+                declared = " or ".join(family.block_count) or "none in its profile"
+                raise RuleError(f"the model declares no block count ({declared}), so the default vace_layers "
+                                f"cannot be chosen before tracing", "pass num_layers=... or vace_layers=[0, ...] "
+                                "to the VACE rule")
+            return layers
         chosen = layers if layers is not None else tuple(range(0, count, 2))
         _check_layers(chosen, count)
         return chosen
 
-    def expected(model: nn.Module) -> int:
-        count = num_layers if num_layers is not None else getattr(model, "num_layers", None)
-        if count is None:
-            raise RuleError("the model has no num_layers attribute", "pass num_layers=... to the VACE rule")
-        resolved(count)
+    def expected(model: nn.Module) -> int | None:
+        count = num_layers if num_layers is not None else family.declared_count(model)
+        if count is not None:
+            resolved(count)
         return count
 
     def assign(position: int, count: int) -> int | None:
@@ -112,12 +130,13 @@ def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_la
         count = len(resolved(len(context.matches)))
         blocks = nn.ModuleList()
         for k in range(count):
-            fresh = rebuild_like(block, root=context.model, overrides=BLOCK_OVERRIDES, init=context.init)
+            fresh = rebuild_like(block, root=context.model, overrides=family.block_overrides, init=context.init,
+                                 sources=family.block_settings)
             if k == 0:
-                fresh.before_proj = zero_linear(dim, device=weight.device, dtype=weight.dtype)
-            fresh.after_proj = zero_linear(dim, device=weight.device, dtype=weight.dtype)
+                setattr(fresh, family.input_projection, zero_linear(dim, device=weight.device, dtype=weight.dtype))
+            setattr(fresh, family.output_projection, zero_linear(dim, device=weight.device, dtype=weight.dtype))
             blocks.append(fresh)
-        return {PATCH_EMBEDDING: conv, BLOCKS: blocks}
+        return {family.patch_embedding: conv, family.blocks: blocks}
 
     def check_call(inputs: dict[str, Any], call_inputs: dict[str, Any], latent: Any,
                    model: nn.Module) -> dict[str, Any]:
@@ -132,25 +151,64 @@ def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_la
 
     def example(latent: Any, model: nn.Module) -> dict[str, Any]:
         if not isinstance(latent, torch.Tensor) or latent.dim() != 5:
-            return {"vace_context": None, "vace_context_scale": 1.0}
+            return {family.context_input: None, family.scale_input: 1.0}
         b, _, f, h, w = latent.shape
-        return {"vace_context": latent.new_zeros(b, vace_in_dim, f, h, w), "vace_context_scale": 1.0}
+        return {family.context_input: latent.new_zeros(b, vace_in_dim, f, h, w), family.scale_input: 1.0}
 
-    return Rule(
+    def bind(current: Rule, model: nn.Module) -> Rule:
+        bound = rule(vace_in_dim, vace_layers, num_layers, profile=detect(model).name)
+        # Fields replaced on this rule (dataclasses.replace) win over the family's.
+        replaced = {f.name: getattr(current, f.name) for f in dataclasses.fields(Rule)
+                    if f.name != "bind" and getattr(current, f.name) is not getattr(unbound, f.name)}
+        return dataclasses.replace(bound, **replaced)
+
+    unbound = Rule(
         name=NAME,
         options={"vace_in_dim": vace_in_dim, "vace_layers": list(layers) if layers is not None else None,
-                 "num_layers": num_layers},
+                 "num_layers": num_layers, "profile": _option(profile)},
         pattern=ATTENTION_BLOCK,
         expected=expected,
         assign=assign,
         grafts=grafts,
-        actions=((Where.BEFORE_FIRST, compute_hints), (Where.AFTER_EACH, inject_hint)),
-        inputs={"vace_context": None, "vace_context_scale": 1.0},
-        check_call=check_call,
-        trace_policy=TracePolicy(cache_arguments=CACHE_ARGUMENTS),
-        weight_prefixes=(f"{BLOCKS}.", f"{PATCH_EMBEDDING}."),
+        actions=_actions(family),
+        inputs={family.context_input: None, family.scale_input: 1.0},
+        check_call=_in_names_of(family, check_call),
+        trace_policy=TracePolicy(cache_arguments=family.leaf_arguments),
+        key_maps=dict(family.key_maps),
+        weight_prefixes=(f"{family.blocks}.", f"{family.patch_embedding}."),
         example=example,
+        bind=bind if profile is None else None,
     )
+    return unbound
+
+
+def _option(profile: str | VaceProfile | None) -> str | VaceProfile | None:
+    """The ``profile`` option as reported and saved: a built-in profile by its name."""
+    if isinstance(profile, VaceProfile) and PROFILES.get(profile.name) == profile:
+        return profile.name
+    return profile
+
+
+def _in_names_of(family: VaceProfile, check: CallCheck) -> CallCheck:
+    """``check`` speaks the original input names; let it take and return ``family``'s,
+    and name them in its errors."""
+    if (family.context_input, family.scale_input) == (CONTEXT, SCALE):
+        return check
+    inward = {family.context_input: CONTEXT, family.scale_input: SCALE}
+    outward = {CONTEXT: family.context_input, SCALE: family.scale_input}
+
+    def rename(text: str) -> str:
+        return re.sub(rf"\b({SCALE}|{CONTEXT})\b", lambda m: outward[m.group(1)], text)
+
+    def check_call(inputs: dict[str, Any], call_inputs: dict[str, Any], latent: Any,
+                   model: nn.Module) -> dict[str, Any]:
+        try:
+            checked = check({inward.get(k, k): v for k, v in inputs.items()}, call_inputs, latent, model)
+        except CallError as error:
+            raise type(error)(rename(error.problem), rename(error.fix)) from error
+        return {outward.get(k, k): v for k, v in checked.items()}
+
+    return check_call
 
 
 def _allocate_like(module: nn.Module, like: torch.Tensor, init: str) -> nn.Module:
@@ -240,38 +298,58 @@ def normalise_scale(scale: Any, count: int, dtype: torch.dtype | None = None) ->
     return tuple(float(v) for v in values)
 
 
-def compute_hints(site: Site) -> None:
-    """Before the first block: vace_context -> tokens -> VACE blocks -> one hint per layer."""
-    context = site.inputs["vace_context"]
+def _actions(family: VaceProfile) -> tuple[tuple[Where, Any], ...]:
+    def hints(site: Site) -> None:
+        return compute_hints(site, family)
+
+    def inject(site: Site) -> Any:
+        return inject_hint(site, family)
+
+    return (Where.BEFORE_FIRST, hints), (Where.AFTER_EACH, inject)
+
+
+def compute_hints(site: Site, family: VaceProfile = FALLBACK) -> None:
+    """Before the first block: context -> tokens -> VACE blocks -> one hint per layer."""
+    context = site.inputs[family.context_input]
     if context is None:
         return None
     model, x0 = site.model, site.stream
-    embed, blocks = getattr(model, PATCH_EMBEDDING), getattr(model, BLOCKS)
+    embed, blocks = getattr(model, family.patch_embedding), getattr(model, family.blocks)
     tokens = x0.size(1)
-    pieces = []
-    for item in context:
-        c = embed(item.to(embed.weight.dtype).unsqueeze(0)).flatten(2).transpose(1, 2)
-        # Zero-pad short contexts, then cut to the chunk's tokens (vace.md 2.4 / 2.2).
-        missing = tokens - c.size(1)
-        pad = c.new_zeros(1, missing if missing > 0 else 0, c.size(2))
-        pieces.append(torch.cat([c, pad], dim=1))
-    c = torch.cat(pieces)[:, :tokens]
+    if family.batched_embedding:
+        # One convolution over the whole batch: per-element convolutions round differently.
+        batch = torch.stack([item.to(embed.weight.dtype) for item in context])
+        c = _padded(embed(batch).flatten(2).transpose(1, 2), len(batch), tokens)
+    else:
+        pieces = []
+        for item in context:
+            c = embed(item.to(embed.weight.dtype).unsqueeze(0)).flatten(2).transpose(1, 2)
+            pieces.append(_padded(c, 1, tokens))
+        c = torch.cat(pieces)
+    c = c[:, :tokens]
     hints = []
     for k, block in enumerate(blocks):
         if k == 0:
-            c = block.before_proj(c) + x0
+            c = getattr(block, family.input_projection)(c) + x0
         out = block(c, **site.required)
         c = out[0] if isinstance(out, (tuple, list)) else out
-        hints.append(block.after_proj(c))
+        hints.append(getattr(block, family.output_projection)(c))
     site.scratch["hints"] = hints
     return None
 
 
-def inject_hint(site: Site) -> Any:
+def _padded(c: torch.Tensor, rows: int, tokens: int) -> torch.Tensor:
+    """Zero-pad short contexts to the chunk's tokens (long ones are cut after; vace.md 2.4 / 2.2)."""
+    missing = tokens - c.size(1)
+    pad = c.new_zeros(rows, missing if missing > 0 else 0, c.size(2))
+    return torch.cat([c, pad], dim=1)
+
+
+def inject_hint(site: Site, family: VaceProfile = FALLBACK) -> Any:
     """After block ``vace_layers[k]``: ``x + hint_k * scale_k`` (only x; cache info passes through)."""
     hints, index = site.scratch.get("hints"), site.match.hint_index
     if hints is None or index is None:
         return None
-    scale = site.inputs["vace_context_scale"]
+    scale = site.inputs[family.scale_input]
     x = site.stream
     return x + hints[index][:, : x.size(1)] * scale[index]

@@ -191,6 +191,8 @@ def _first_meta_tensor(value: Any, path: str) -> str | None:
 def _apply(model: nn.Module, rule: Rule, example_inputs: tuple[tuple, dict], dry_run: bool,
            graft_init: str) -> ApplyResult:
     started = time.perf_counter()
+    if rule.bind is not None:
+        rule = rule.bind(rule, model)
     check_order(model, rule)
     args, kwargs = example_inputs
     entry = EntryPoint.of(type(model))

@@ -70,7 +70,8 @@ class Rule:
         name: short name used in reports and on the command line.
         options: the options the rule was built with (reported verbatim).
         pattern: what a unit looks like.
-        expected: number of units the rule expects on a model (``None``: any, at least one).
+        expected: number of units the rule expects on a model (``None``, or a ``None``
+            result for a model that declares no count: any, at least one).
         assign: gives each match its index for the actions (``None`` = not acted on).
         grafts: builds the new modules, keyed by their top-level attribute name.
         actions: ``(where, code)`` pairs applied in order.
@@ -82,12 +83,15 @@ class Rule:
             has them already carries the rule).
         example: builds example values of the rule's inputs from the latent input, so that
             ``apply`` can specialise (and report) the rewritten graph up front.
+        bind: called by ``apply`` as ``bind(rule, model)`` before anything else; returns the
+            rule to use on that model (a rule that adapts to the model's family: its call
+            input names, checkpoint names, opaque modules). ``None``: the rule as it is.
     """
 
     name: str
     options: Mapping[str, Any]
     pattern: Pattern
-    expected: Callable[[nn.Module], int] | None
+    expected: Callable[[nn.Module], "int | None"] | None
     assign: Callable[[int, int], "int | None"]
     grafts: GraftBuilder
     actions: tuple[tuple[Where, Action], ...]
@@ -97,3 +101,4 @@ class Rule:
     key_maps: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     weight_prefixes: tuple[str, ...] = ()
     example: Callable[[Any, nn.Module], dict[str, Any]] | None = None
+    bind: Callable[["Rule", nn.Module], "Rule"] | None = None

@@ -3,21 +3,22 @@
 A grafted unit must be "the model's own block structure with new parameters". Deep-copying
 a matched block would also copy run-time state that does not belong to a fresh block (for
 example fused projections created after loading), so the builder constructs a new instance
-of the block's class, reading constructor arguments from the block's attributes the way a
-hand-written wrapper does (duck typing), and allocates its parameters without random init.
+of the block's class, with constructor arguments read back from the block, its config or its
+structure (:mod:`.settings`; never a silent default), and allocates its parameters without
+random init.
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import mmap
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..errors import GraftError
+from .settings import SOURCES, constructor_arguments
 
 
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
@@ -45,36 +46,6 @@ def skipped_init() -> Iterator[None]:
 
 def _keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return tensor
-
-
-def constructor_arguments(module: nn.Module, root: nn.Module | None = None,
-                          overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Arguments for ``type(module)(**kwargs)``, read from the module's attributes.
-
-    Lookup order per constructor parameter: ``overrides``, the module, its descendants
-    (first hit in definition order), ``root``, the parameter's default.
-    """
-    overrides = dict(overrides or {})
-    signature = inspect.signature(type(module).__init__)
-    found: dict[str, Any] = {}
-    owners = [module] + [m for _, m in module.named_modules() if m is not module] + ([root] if root is not None else [])
-    for name, param in list(signature.parameters.items())[1:]:
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        if name in overrides:
-            found[name] = overrides[name]
-            continue
-        for owner in owners:
-            if name in vars(owner) and not name.startswith("_"):
-                found[name] = vars(owner)[name]
-                break
-        else:
-            if param.default is inspect.Parameter.empty:
-                raise GraftError(
-                    f"cannot rebuild {type(module).__name__}: constructor argument '{name}' is not an "
-                    f"attribute of the module, its children or the model",
-                    f"pass it in the rule's constructor overrides, e.g. {{'{name}': ...}}")
-    return found
 
 
 #: Below this size a plain ``torch.zeros`` is cheaper than a mapping of its own.
@@ -128,15 +99,20 @@ def allocate(module: nn.Module, *, device: torch.device, dtype: torch.dtype, ini
 
 
 def rebuild_like(module: nn.Module, *, root: nn.Module | None = None,
-                 overrides: Mapping[str, Any] | None = None, init: str = "zeros") -> nn.Module:
-    """A fresh instance of ``module``'s class with the same configuration and new parameters."""
+                 overrides: Mapping[str, Any] | None = None, init: str = "zeros",
+                 sources: Sequence[str] = SOURCES) -> nn.Module:
+    """A fresh instance of ``module``'s class with the same configuration and new parameters.
+
+    Constructor arguments come from ``overrides``, then from ``sources`` (see
+    :func:`~surgery.grafting.settings.constructor_arguments`); one that none yields is a
+    :class:`GraftError` naming it, never a default.
+    """
     reference = next(module.parameters(), None)
     device = reference.device if reference is not None else torch.device("cpu")
     dtype = reference.dtype if reference is not None else torch.get_default_dtype()
-    kwargs = constructor_arguments(module, root, overrides)
+    kwargs = constructor_arguments(module, root, overrides, sources, build=lambda kw: _on_meta(type(module), kw))
     try:
-        with torch.device("meta"), skipped_init():
-            fresh = type(module)(**kwargs)
+        fresh = _on_meta(type(module), kwargs)
     except Exception as error:  # the constructor's own validation
         raise GraftError(f"cannot rebuild {type(module).__name__}({kwargs}): {error}",
                          "pass the missing constructor arguments as rule overrides") from error
@@ -147,10 +123,14 @@ def rebuild_like(module: nn.Module, *, root: nn.Module | None = None,
     return fresh
 
 
+def _on_meta(cls: type, kwargs: Mapping[str, Any]) -> nn.Module:
+    with torch.device("meta"), skipped_init():
+        return cls(**kwargs)
+
+
 def zero_linear(features: int, *, device: torch.device, dtype: torch.dtype) -> nn.Linear:
     """A ``Linear(features, features)`` whose weight and bias are zero (an exact no-op branch)."""
-    with torch.device("meta"), skipped_init():
-        layer = nn.Linear(features, features)
+    layer = _on_meta(nn.Linear, {"in_features": features, "out_features": features})
     if device.type == "meta":
         return layer
     return allocate(layer, device=device, dtype=dtype)

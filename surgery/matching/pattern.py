@@ -18,6 +18,11 @@ from ..tracing.tracer import ConcreteProxy, ModuleCall
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _ACTIVATIONS = (nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Mish)
+# Value-preserving steps a residual stream or an FFN may pass through: dtype and layout
+# casts (diffusers computes a block's residual adds in float32 and ends with
+# ``.type_as(x)``), and layers that are the identity in inference (``Dropout``).
+_CASTS = frozenset({"type_as", "to", "float", "double", "half", "bfloat16", "contiguous"})
+_PASS_THROUGH = (nn.Dropout, nn.Identity)
 
 
 @dataclass
@@ -83,10 +88,16 @@ def residual_stream(view: CallView) -> str | None:
     return None
 
 
+def _is_cast(node: fx.Node) -> bool:
+    return node.op == "call_method" and node.target in _CASTS and bool(node.args) and isinstance(node.args[0], fx.Node)
+
+
 def residual_adds(view: CallView, minimum: int = 2) -> str | None:
     count, node = 0, view.stream_out
     while node is not None and node is not view.stream_in:
-        if node.op == "call_function" and node.target in _ADDS and node.args:
+        if _is_cast(node):
+            node = node.args[0]
+        elif node.op == "call_function" and node.target in _ADDS and node.args:
             count += 1
             node = node.args[0] if isinstance(node.args[0], fx.Node) else None
         else:
@@ -145,12 +156,21 @@ def feed_forward(view: CallView) -> str | None:
             if not (isinstance(view.module_of(act), _ACTIVATIONS) or
                     (act.op == "call_function" and getattr(act.target, "__name__", "") in ("gelu", "silu", "relu"))):
                 continue
-            for second_node in act.users:
+            for second_node in _past_identities(view, act):
                 second = view.module_of(second_node)
                 if isinstance(second, nn.Linear) and second.in_features == first.out_features \
                         and second.out_features == first.in_features:
                     return None
     return "no Linear -> activation -> Linear feed-forward on the block's tokens"
+
+
+def _past_identities(view: CallView, node: fx.Node) -> Iterable[fx.Node]:
+    """The users of ``node``, looking through inference-time identities (``Dropout``)."""
+    for user in node.users:
+        if isinstance(view.module_of(user), _PASS_THROUGH):
+            yield from _past_identities(view, user)
+        else:
+            yield user
 
 
 @dataclass(frozen=True)

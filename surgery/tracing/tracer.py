@@ -17,6 +17,7 @@ root can be called from generated code.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import operator
@@ -547,6 +548,11 @@ class ExampleTracer(fx.Tracer):
         path = self._object_attrs.get(id(a)) if not isinstance(a, (bool, int, float, str, type(None))) else None
         if path is not None and not isinstance(a, (torch.Tensor, nn.Module)):
             return self.create_node("get_attr", path, (), {})
+        if isinstance(a, dict) and dataclasses.is_dataclass(a):
+            # A dataclass that is also a mapping (a diffusers or transformers model output) is
+            # rebuilt by its class, as fx rebuilds other dataclasses; fx would make it a dict.
+            return self.create_node("call_function", type(a), (), {
+                f.name: self.create_arg(getattr(a, f.name)) for f in dataclasses.fields(a) if f.init})
         return super().create_arg(a)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
