@@ -127,6 +127,14 @@ def test_sigint_exits_130_with_one_line_and_writes_nothing(tmp_path):
     assert not report.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ready", "sleepy_models.py"]
 
 
+def test_the_command_imports_no_torch_before_it_can_catch_ctrl_c():
+    # Until main() runs, a Ctrl-C would print Python's traceback; torch takes seconds to import.
+    code = "import sys, surgery.cli.main; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_subprocess_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "[]\n", proc.stderr
+
+
 def test_keyboard_interrupt_in_any_stage_exits_130(engine, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
