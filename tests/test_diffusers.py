@@ -17,10 +17,13 @@ diffusers = pytest.importorskip("diffusers")
 
 import surgery  # noqa: E402
 from rules import vace  # noqa: E402
+from rules.vace_keymaps import DIFFUSERS_TO_NATIVE, NATIVE_TO_DIFFUSERS  # noqa: E402
 from rules.vace_profiles import DIFFUSERS  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from surgery.errors import CallError, GraftError  # noqa: E402
 from surgery.grafting.build import rebuild_like  # noqa: E402
 from surgery.weights import load_vace_weights  # noqa: E402
+from surgery.weights.keys import apply_key_map, compile_key_map  # noqa: E402
 
 CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
               text_dim=16, freq_dim=16, ffn_dim=64, num_layers=4, cross_attn_norm=True, rope_max_seq_len=32)
@@ -50,7 +53,6 @@ def models(tmp_path_factory):
     torch.manual_seed(1)
     weights = {k: torch.randn_like(v) * 0.2 for k, v in reference.state_dict().items() if k.startswith("vace")}
     reference.load_state_dict(weights, strict=False)
-    from safetensors.torch import save_file
     save_file(weights, str(path))
     report = load_vace_weights(result.module, path)  # no key map: the names are diffusers' own
     assert report.tensors == len(weights) and report.blocks == len(LAYERS)
@@ -58,11 +60,15 @@ def models(tmp_path_factory):
 
 
 def test_family_detected_and_call_inputs_are_diffusers(models):
-    _, result, _ = models
+    base, result, _ = models
     assert result.rule.options["profile"] == "diffusers"
     assert set(result.rule.inputs) == {"control_hidden_states", "control_hidden_states_scale"}
     assert [m.hint_index for m in result.matches] == [0, None, 1, None]
     assert isinstance(result.module, diffusers.WanTransformer3DModel)
+    # No options at all: the block count comes from the model's config (every second block).
+    args, _ = _call(2, 4, 4)
+    plain = surgery.apply(base, vace.rule(), example_inputs=(args, {"return_dict": False}), dry_run=True)
+    assert [m.hint_index for m in plain.matches] == [0, None, 1, None]
 
 
 def test_state_dict_is_diffusers_vace_layout(models):
@@ -156,3 +162,17 @@ def test_block_settings_are_read_from_config_and_structure_never_defaulted():
     # Attributes alone leave cross_attn_norm (defaulted False in __init__) unknown: named, not defaulted.
     with pytest.raises(GraftError, match=r"'cross_attn_norm'"):
         rebuild_like(block, root=base, sources=("attributes",))
+
+
+def test_diffusers_folder_and_native_checkpoints_load(models, tmp_path):
+    base, _, reference = models
+    args, _ = _call(2, 4, 4)
+    vace_weights = {k: v for k, v in reference.state_dict().items() if k.startswith("vace")}
+    reference.save_pretrained(tmp_path / "diffusers")  # a full diffusers VACE folder: base keys are ignored
+    native = compile_key_map(DIFFUSERS_TO_NATIVE)
+    save_file({apply_key_map(k, native): v.contiguous() for k, v in vace_weights.items()}, str(tmp_path / "native.safetensors"))
+    for path, key_map in ((tmp_path / "diffusers", None), (tmp_path / "native.safetensors", NATIVE_TO_DIFFUSERS)):
+        fresh = surgery.apply(base, vace.rule(vace_layers=LAYERS), example_inputs=(args, {"return_dict": False})).module
+        load_vace_weights(fresh, path, key_map=key_map)
+        loaded = fresh.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in vace_weights.items()), path.name
