@@ -29,6 +29,8 @@ from examples.driver import call_diffs, example_call, run_stream
 from examples.reference import CausalVaceWanModel, load_vace_state_dict, native_state_dict, random_vace_state_dict
 from examples.wan.pipeline import MODEL_SIZES
 from rules import vace
+from surgery.errors import CallError
+from test_identity import InputRecord
 
 SOAK = int(os.environ.get("SURGERY_SOAK", "0") or 0)
 EXAMPLES = SOAK if SOAK > 0 else 8
@@ -136,3 +138,148 @@ def test_surgery_equals_reference_on_random_configurations(config: dict) -> None
 ], ids=["one-block", "every-block"])
 def test_surgery_equals_reference_on_corner_configurations(config: dict) -> None:
     check_equivalence(config)
+
+
+# --- property: no sequence of calls and conversions touches the input model ----------------
+#
+# Random sequences of steps on a rewritten tiny LongLive: dtype conversions and requires_grad_
+# of the rewritten model, valid calls (latent positional or as x=, VACE on or off, two
+# resolutions, scalar or per-layer scales) and invalid calls (bad scales, bad contexts, a
+# misspelt keyword, a latent the embedding cannot take). After every step the input model is
+# unchanged (values, dtypes, requires_grad, Parameter identities); a valid call is bit-exact
+# against the base model (VACE off) and against a fresh rewritten model (VACE on), both given
+# the same conversions; an invalid call raises CallError and builds no graph.
+
+SEQUENCE_EXAMPLES = max(1, SOAK // 10) if SOAK > 0 else 4
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64, "float32": torch.float32}
+RESOLUTIONS = [(32, 32), (32, 48)]
+
+
+def _ctx(height: int, width: int, seed: int = 3) -> torch.Tensor:
+    return torch.randn(1, VACE_IN_DIM, 3, height // 8, width // 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact equality in which NaN equals NaN at the same place (a 1e300 scale overflows float64
+    activations to NaN on both sides alike)."""
+    nan_a, nan_b = a.isnan(), b.isnan()
+    return torch.equal(nan_a, nan_b) and torch.equal(a.masked_fill(nan_a, 0), b.masked_fill(nan_b, 0))
+
+
+def _with_latent(change):
+    def apply_(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (change(args[0]),), kwargs
+        return (), {**kwargs, "x": change(kwargs["x"])}
+    return apply_
+
+
+# name -> (rule inputs or a call change, whether it is refused for a model of this dtype)
+BAD_STEPS = {
+    "nan-scale": (dict(vace_context_scale=float("nan")), lambda dtype: True),
+    "inf-scale-entry": (dict(vace_context_scale=[1.0, float("inf")]), lambda dtype: True),
+    "1e39-scale": (dict(vace_context_scale=1e39), lambda dtype: torch.finfo(dtype).max < 1e39),
+    "1e300-scale": (dict(vace_context_scale=1e300), lambda dtype: torch.finfo(dtype).max < 1e300),
+    "channels-context": (dict(vace_context=lambda h, w: _ctx(h, w)[:, :48]), lambda dtype: True),
+    "grid-context": (dict(vace_context=lambda h, w: _ctx(h * 2, w)), lambda dtype: True),
+    "int-context": (dict(vace_context=lambda h, w: _ctx(h, w).long()), lambda dtype: True),
+    "bool-context": (dict(vace_context=lambda h, w: _ctx(h, w) > 0), lambda dtype: True),
+    "zero-frame-context": (dict(vace_context=lambda h, w: _ctx(h, w)[:, :, :0]), lambda dtype: True),
+    "misspelt-keyword": (dict(vace_ctx=lambda h, w: _ctx(h, w)), lambda dtype: True),
+    "channels-latent": (_with_latent(lambda x: x[:, :3]), lambda dtype: True),
+    "int-latent": (_with_latent(lambda x: x.long()), lambda dtype: True),
+}
+
+STEPS = st.one_of(
+    st.tuples(st.just("convert"), st.sampled_from(sorted(DTYPES))),
+    st.tuples(st.just("requires_grad"), st.booleans()),
+    st.tuples(st.just("call"), st.sampled_from(["positional", "keyword"]), st.booleans(), st.sampled_from(RESOLUTIONS),
+              st.sampled_from([1.0, 0.5, (0.25, 2.0)])),
+    st.tuples(st.just("bad"), st.sampled_from(sorted(BAD_STEPS)), st.sampled_from(["positional", "keyword"]),
+              st.sampled_from(RESOLUTIONS)),
+)
+
+
+class Sequence_:
+    """The input model, the rewritten model under test, and the two models it must agree with."""
+
+    def __init__(self) -> None:
+        self.pipeline = PIPELINES["longlive"]
+        self.input = self.pipeline.build("tiny", seed=0)
+        rule = vace.rule(vace_in_dim=VACE_IN_DIM)
+        self.subject = surgery.apply(self.input, rule, example_inputs=example_call(self.input, self.pipeline)).module
+        fresh_base = self.pipeline.build("tiny", seed=0)
+        self.fresh = surgery.apply(fresh_base, rule, example_inputs=example_call(fresh_base, self.pipeline)).module
+        weights = random_vace_state_dict(self.subject, seed=6)
+        for model in (self.subject, self.fresh):
+            model.load_state_dict(weights, strict=False)
+        self.plain = self.pipeline.build("tiny", seed=0)
+        self.record = InputRecord.take(self.input)
+        self.dtype = torch.float32
+
+    def call(self, model: torch.nn.Module, form: str, resolution: tuple[int, int], change=None,
+             **rule_inputs) -> torch.Tensor:
+        args, kwargs = example_call(model, self.pipeline, height=resolution[0], width=resolution[1], seed=8)
+        if form == "keyword":
+            args, kwargs = (), {"x": args[0], **kwargs}
+        if change is not None:
+            args, kwargs = change(args, kwargs)
+        with torch.no_grad():
+            return model(*args, **kwargs, **rule_inputs)
+
+    def step(self, step: tuple) -> None:
+        kind = step[0]
+        if kind == "convert":
+            self.dtype = DTYPES[step[1]]
+            for model in (self.subject, self.fresh, self.plain):
+                model.to(self.dtype)
+        elif kind == "requires_grad":
+            self.subject.requires_grad_(step[1])
+        elif kind == "call":
+            _, form, on, resolution, scale = step
+            scale = list(scale) if isinstance(scale, tuple) else scale
+            inputs = dict(vace_context=_ctx(*resolution), vace_context_scale=scale) if on else {}
+            got = self.call(self.subject, form, resolution, **inputs)
+            want = self.call(self.fresh if on else self.plain, "positional", resolution, **inputs)
+            assert got.dtype == self.dtype and _bit_equal(got, want), \
+                f"{step} differs from the {'fresh' if on else 'base'} model"
+        else:
+            _, name, form, resolution = step
+            spec, refused = BAD_STEPS[name]
+            change = spec if callable(spec) else None
+            inputs = {} if callable(spec) else {k: (v(*resolution) if callable(v) else v) for k, v in spec.items()}
+            if not any(k == "vace_context" for k in inputs) and not callable(spec):
+                inputs.setdefault("vace_context", _ctx(*resolution))
+            if not refused(self.dtype):  # a scale that is finite in this dtype: a valid call
+                self.step(("call", form, True, resolution, inputs["vace_context_scale"]))
+                return
+            built = self.subject.surgery_state.built
+            with pytest.raises(CallError):
+                self.call(self.subject, form, resolution, change, **inputs)
+            assert self.subject.surgery_state.built == built, f"{step} built a graph before it was refused"
+        self.record.assert_unchanged(self.input)
+
+
+@settings(max_examples=SEQUENCE_EXAMPLES, deadline=None, derandomize=SOAK == 0, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(STEPS, min_size=3, max_size=7))
+def test_no_sequence_of_calls_and_conversions_touches_the_input(steps: list) -> None:
+    sequence = Sequence_()
+    for step in steps:
+        sequence.step(step)
+
+
+@pytest.mark.parametrize("steps", [
+    # Every conversion, both call forms, every bad input, once each: what a short CI run may not draw.
+    [("convert", "float64"), ("call", "keyword", True, (32, 48), (0.25, 2.0)), ("bad", "1e300-scale", "positional", (32, 32)),
+     ("bad", "1e39-scale", "keyword", (32, 32)), ("convert", "float16"), ("bad", "1e39-scale", "keyword", (32, 32)),
+     ("requires_grad", False), ("call", "positional", False, (32, 32), 1.0), ("convert", "bfloat16"),
+     ("call", "keyword", True, (32, 32), 0.5)]
+    + [("bad", name, form, (32, 48)) for name in sorted(BAD_STEPS) for form in ("positional", "keyword")]
+    + [("convert", "float32"), ("call", "keyword", False, (32, 48), 1.0), ("call", "positional", True, (32, 32), 1.0)],
+], ids=["every-step"])
+def test_every_step_kind_once(steps: list) -> None:
+    sequence = Sequence_()
+    for step in steps:
+        sequence.step(step)
+
