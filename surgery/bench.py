@@ -582,6 +582,14 @@ def _call_timed(model: nn.Module, inputs: tuple[tuple, dict], device: torch.devi
         return _timed(lambda: model(*args, **kwargs), device)[0]
 
 
+def _dispatch_timed(model: nn.Module, inputs: tuple[tuple, dict], device: torch.device) -> float:
+    # Only the dispatch (guards, recheck, a new trace): a meta model cannot run its forward,
+    # because flex attention, like other real kernels, refuses meta tensors.
+    args, kwargs = inputs
+    with torch.no_grad():
+        return _timed(lambda: model.surgery_state.dispatch(model, args, kwargs), device)[0]
+
+
 def measure_respecialise(subject: BenchSubject, steady_calls: int = STEADY_CALLS) -> dict[str, Any]:
     """Cost of a call with a new input signature (a new resolution) on the rewritten model.
 
@@ -590,10 +598,10 @@ def measure_respecialise(subject: BenchSubject, steady_calls: int = STEADY_CALLS
     the new sizes (``outcome == "rechecked"``) or traced a new one (``"specialised"``).
     ``trace_s``/``rewrite_s``: a fresh specialisation for the same call, built beside it,
     which is what the call would cost without the recheck. ``wall_s``: first call minus the
-    median steady-state call, a cross-check that is noisy: a meta call costs seconds of
-    shape propagation in Python, and ``torch.compile``d code recompiles on meta.
+    median steady-state dispatch, a cross-check (calls are dispatched, not run: a meta model
+    cannot run its forward, since flex attention refuses meta tensors).
     Measured on ``subject`` built on the meta device (same layers and shapes; the engine
-    traces on a meta twin whatever the device), so it exists at every size.
+    traces on a fake twin whatever the device), so it exists at every size.
     """
     from .rewriting.specialise import specialise
 
@@ -605,12 +613,12 @@ def measure_respecialise(subject: BenchSubject, steady_calls: int = STEADY_CALLS
     model = result.module
     state = model.surgery_state
     for _ in range(2):  # the initial resolution, warm
-        _call_timed(model, subject.call_inputs(model, False), subject.device)
+        _dispatch_timed(model, subject.call_inputs(model, False), subject.device)
     built = state.built
     inputs = subject.call_inputs(model, True)
-    first = _call_timed(model, inputs, subject.device)
+    first = _dispatch_timed(model, inputs, subject.device)
     outcome, seconds = state.last_dispatch
-    steady = [_call_timed(model, inputs, subject.device) for _ in range(steady_calls)]
+    steady = [_dispatch_timed(model, inputs, subject.device) for _ in range(steady_calls)]
     prepared, positional = state.prepare(model, *inputs)
     fresh, _, _ = specialise(model, state.base_cls, state.rule, prepared, positional)
     return {

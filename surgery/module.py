@@ -130,6 +130,12 @@ class SurgeryState:
 
     def call(self, model: nn.Module, args: tuple, kwargs: dict, entry: str = "forward") -> Any:
         """Run a call of ``entry`` (``forward`` or a method it dispatches to) on its specialised graph."""
+        spec, inputs = self.dispatch(model, args, kwargs, entry)
+        return spec(model, inputs)
+
+    def dispatch(self, model: nn.Module, args: tuple, kwargs: dict,
+                 entry: str = "forward") -> tuple[Specialisation, dict[str, Any]]:
+        """The specialisation a call runs on (checked, rechecked or newly traced) and its inputs."""
         started = time.perf_counter()
         rechecks = self.rechecks
         inputs, positional = self.prepare(model, args, kwargs)
@@ -141,7 +147,7 @@ class SurgeryState:
             self.reasons.append("; ".join(self.last_misses) if self.last_misses else "first call")
             outcome = "specialised"
         self.last_dispatch = (outcome, time.perf_counter() - started)
-        return spec(model, inputs)
+        return spec, inputs
 
 
 class RewrittenModel(nn.Module):

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .guards import CONVERSIONS
 from .tracer import _FACTORY_IDS, Concretisation, ModuleCall, fetch_attribute, module_key, template_groups
-from .twin import fake_inputs, fake_mode_of, is_fake, run_factory
+from .twin import compiled_code_runs_eagerly, fake_inputs, fake_mode_of, is_fake, run_factory
 
 
 class _Unkeyable(Exception):
@@ -134,7 +134,7 @@ class ShapeRecheck:
         seen: dict[tuple, _Instance] = {}
         skip: set[fx.Node] = set()
         results: dict[tuple, Any] = {}
-        with torch.no_grad():
+        with torch.no_grad(), compiled_code_runs_eagerly():
             for step in self.steps:
                 node = step.node
                 if node in skip:

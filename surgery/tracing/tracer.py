@@ -5,7 +5,7 @@ inputs, ``.tolist()``, asserts, caches in lists of dicts). This tracer runs the 
 real entry point on example inputs and records an fx graph at the same time:
 
 * every :class:`ConcreteProxy` carries the value the example produced, computed on a
-  meta-device twin of the model, so tracing costs no FLOPs and never touches real state;
+  fake-tensor twin of the model, so tracing costs no FLOPs and never touches real state;
 * when Python needs a value (``if``, ``len``, iteration, ``.item()``, ``.tolist()``) the
   tracer answers from the example and records a guard on the input properties that value
   was derived from; a value that depends on tensor *data* cannot be guarded cheaply, so
@@ -31,6 +31,7 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 from torch.fx._symbolic_trace import (
     _new_patcher,
     _orig_module_call,
@@ -42,13 +43,14 @@ from torch.fx._symbolic_trace import (
 from ..errors import TraceError
 from .guards import Field, Guard, structure
 from .policy import CacheValues, TracePolicy, is_cache_value
+from .twin import FACTORY_NAMES, compiled_code_runs_eagerly, fake_mode_of, is_fake, run_factory
 
 _MISSING = object()
 _META_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout", "is_floating_point"})
 _META_METHODS = frozenset({"size", "dim", "numel", "nelement", "get_device", "is_floating_point",
                            "is_complex", "element_size"})
 _CONCRETISING_METHODS = frozenset({"item"})
-_FACTORIES = ("tensor", "as_tensor", "arange", "zeros", "ones", "empty", "full", "linspace", "eye")
+_FACTORY_IDS = frozenset(id(getattr(torch, name)) for name in FACTORY_NAMES)
 _ENGINE_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                 os.path.dirname(os.path.abspath(torch.__file__)))
 
@@ -243,6 +245,7 @@ class ExampleTracer(fx.Tracer):
         self.concretised: list[Concretisation] = []
         # Why this trace cannot be reused for other input shapes (None: it can).
         self.shape_specific: str | None = None
+        self.fake_mode = None
 
     # ----- proxies -----------------------------------------------------------------
     def proxy(self, node: fx.Node) -> ConcreteProxy:
@@ -270,7 +273,8 @@ class ExampleTracer(fx.Tracer):
         cargs, ckwargs = _concrete(args), _concrete(kwargs)
         with self.concrete_mode():
             if kind == "call_function":
-                value = target(*cargs, **ckwargs)
+                value = run_factory(self.fake_mode, target, cargs, ckwargs) if id(target) in _FACTORY_IDS \
+                    else target(*cargs, **ckwargs)
             elif kind == "call_method":
                 value = getattr(cargs[0], target)(*cargs[1:], **ckwargs)
             elif kind == "call_module":
@@ -575,6 +579,7 @@ class ExampleTracer(fx.Tracer):
         """
         started = time.perf_counter()
         self.root = root
+        self.fake_mode = fake_mode_of(root)
         self.submodule_paths = {mod: name for name, mod in root.named_modules()}
         self._param_names = tensor_names(root)
         self.tensor_attrs = {}
@@ -606,7 +611,7 @@ class ExampleTracer(fx.Tracer):
 
             patcher.patch_method(nn.Module, "__getattr__", module_getattr, deduplicate=False)
             patcher.patch_method(nn.Module, "__call__", module_call, deduplicate=False)
-            for name in _FACTORIES:
+            for name in FACTORY_NAMES:
                 # Factories bypass __torch_function__ (torch.tensor(shape_proxy)) or take no
                 # proxy at all (torch.arange(n)); record them so the graph recreates them per
                 # call instead of baking a trace-time tensor in.
@@ -621,14 +626,15 @@ class ExampleTracer(fx.Tracer):
     def _recording(self, factory: Any) -> Any:
         def record(*args: Any, **kwargs: Any) -> Any:
             if self._concrete_depth:
-                return factory(*args, **kwargs)
+                return run_factory(self.fake_mode, factory, args, kwargs)
             return self.create_proxy("call_function", factory, args, kwargs)
         return record
 
     def run(self, fn: Any, *args: Any) -> Any:
         """Call ``fn`` under tracing, turning fx limitations into one-line TraceErrors."""
         try:
-            return fn(*args)
+            with compiled_code_runs_eagerly():
+                return fn(*args)
         except TraceError:
             raise
         except Exception as error:  # an fx limitation inside model code
@@ -696,6 +702,15 @@ class ExampleTracer(fx.Tracer):
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         cause = f"`{line}` at {where} ({type(error).__name__}: {message})"
         leaf = self._failing_leaf()
+        if isinstance(error, _VALUE_ERRORS):
+            place = f"in `{leaf}` (a leaf, run eagerly on example values)" if leaf else (
+                f"in `{self._owner()}`" if self._owner() else "in the model's top-level code")
+            return TraceError(
+                f"`{line}` at {where} {place} needs the values of a tensor computed from the model's activations "
+                f"({type(error).__name__}), which tracing does not compute: it runs the model without arithmetic",
+                "express it with tensor operations so the graph computes it on every call (torch.where(condition, "
+                "a, b) instead of an if, a tensor factor instead of float(...)), or compute it before calling the "
+                "model and pass it in as a Python number")
         if leaf is not None:
             return TraceError(
                 f"the example call fails inside `{leaf}`, which runs eagerly as a leaf: {cause}",
@@ -713,11 +728,17 @@ class ExampleTracer(fx.Tracer):
                           _leaf_fix(owner) + "; if the model itself fails on the example inputs, fix the inputs")
 
 
+#: Raised when model code needs tensor values (``.item()``, ``bool()``, a value-dependent
+#: shape) of a fake example tensor: no trace-time fix, such as a leaf, can provide them.
+_VALUE_ERRORS = (DataDependentOutputException, DynamicOutputShapeException)
+
+
 def _leaf_fix(qualname: str) -> str:
     """A fix that makes ``qualname`` a leaf, written as the code that does it."""
     return (f"make `{qualname}` a leaf so it runs eagerly: rule = dataclasses.replace(rule, "
-            f"trace_policy=rule.trace_policy.with_leaves('{qualname}')); a block the rule must match cannot be "
-            "a leaf: move the construct into a submodule of it instead")
+            f"trace_policy=rule.trace_policy.with_leaves('{qualname}')); if `{qualname}` holds structure the rule "
+            "matches (a block, its attention or feed-forward), move the construct into a submodule of its own and "
+            "make that the leaf instead")
 
 
 def template_groups(calls: Iterable[ModuleCall]) -> list[list[ModuleCall]]:
@@ -765,7 +786,7 @@ def _value_key(value: Any) -> Any:
     if isinstance(value, ConcreteProxy):
         return ("proxy", _value_key(value.concrete))
     if isinstance(value, torch.Tensor):
-        if value.is_floating_point() or value.is_complex() or value.device.type == "meta":
+        if value.is_floating_point() or value.is_complex() or value.device.type == "meta" or is_fake(value):
             return ("t", tuple(value.shape), value.dtype, value.device.type)
         return ("i", tuple(value.shape), value.dtype, tuple(value.flatten().tolist()))
     if isinstance(value, (list, tuple)):
