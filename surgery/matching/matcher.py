@@ -1,7 +1,8 @@
 """Find the repeated units of the main chain that satisfy a pattern."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import torch.nn as nn
 
@@ -39,6 +40,7 @@ class MatchResult:
     views: list[CallView]
     matches: list[Match]
     partial: list[PartialMatch]
+    calls: list = field(default_factory=list, repr=False)  # the traced calls, for explaining a failure
 
 
 def find_chain(trace: Trace, root: nn.Module, pattern: Pattern) -> MatchResult:
@@ -61,7 +63,7 @@ def find_chain(trace: Trace, root: nn.Module, pattern: Pattern) -> MatchResult:
         full = _longest_chain(full)
     matches = [Match(v.qualname, type(v.call.module).__name__, i) for i, v in enumerate(full)]
     partial.sort(key=lambda p: -p.passed)
-    return MatchResult(full, matches, partial)
+    return MatchResult(full, matches, partial, list(trace.calls))
 
 
 def _longest_chain(views: list[CallView]) -> list[CallView]:
@@ -84,4 +86,29 @@ def expect_count(result: MatchResult, pattern: Pattern, expected: int, rule_name
     raise MatchError(
         f"rule '{rule_name}' expected {expected} {pattern.name}(s) but matched {found} "
         f"({', '.join(m.name for m in result.matches[:6])}{'...' if found > 6 else ''}); nearest partial matches: {near}",
-        "check the model's structure, or set the rule's num_layers option to the number of blocks")
+        _count_fix(result, found))
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _count_fix(result: MatchResult, found: int) -> str:
+    """What to do about a wrong count, from what the nearest candidate failed."""
+    if found:
+        return (f"if the model has {found} such blocks, set the rule's num_layers option to {found}; otherwise the "
+                "nearest partial matches above name the check the other blocks fail")
+    nearest = result.partial[0] if result.partial else None
+    if nearest is not None and "attention" in nearest.failed_check:
+        call = next((c for c in result.calls if (c.qualname or "<root>") == nearest.name), None)
+        inside = [c.qualname for c in result.calls if call is not None and c.depth == call.depth + 1
+                  and c.qualname.startswith(nearest.name + ".") and not isinstance(c.module, _CONTAINERS)]
+        if inside:
+            # Every block alike: the block index becomes a wildcard (``blocks.*.cross_attn``).
+            names = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", name, count=1) for name in inside))
+            shown = ", ".join(f"'{name}'" for name in names)
+            return (f"the matcher sees attention only as one opaque call, and {', '.join(inside)} were traced "
+                    f"through: make the attention modules among them leaves: rule = dataclasses.replace(rule, "
+                    f"trace_policy=rule.trace_policy.with_leaves({shown}))")
+    reason = f"'{nearest.failed_check}' ({nearest.reason})" if nearest is not None else "no candidate block"
+    return (f"no block of this model has the structure the rule needs: the nearest fails {reason}; the rule "
+            "does not apply to this model as it is")

@@ -128,7 +128,8 @@ class TracePolicy:
     Args:
         cache_arguments: parameter names that carry mutable cache state, in addition to the
             inputs recognised as caches by value (see the module docstring).
-        extra_leaves: qualified module names that must be leaves regardless of role.
+        extra_leaves: qualified module names that must be leaves regardless of role; ``*``
+            matches one name part, so ``blocks.*.cross_attn`` names that module in every block.
     """
 
     cache_arguments: frozenset[str] = field(default_factory=frozenset)
@@ -153,12 +154,20 @@ class TracePolicy:
 
     def is_leaf(self, module: nn.Module, qualname: str, receives_cache: bool = False) -> bool:
         """Whether ``module`` is recorded as one opaque call; ``receives_cache``: this call hands it cache state."""
-        if _is_torch_builtin(module) or _is_peft_layer(module) or qualname in self.extra_leaves:
+        if _is_torch_builtin(module) or _is_peft_layer(module) or self.named_leaf(qualname):
             return True
         if not (receives_cache or self.takes_cache(type(module).forward)):
             return False
         # Innermost: no child could be handed the cache, so the block around it stays visible.
         return not any(self._may_take_cache(child) for child in module.children())
+
+    def named_leaf(self, qualname: str) -> bool:
+        """Whether ``extra_leaves`` names ``qualname`` (exactly or through a ``*`` pattern)."""
+        if qualname in self.extra_leaves:
+            return True
+        parts = qualname.split(".")
+        return any("*" in pattern and len(pattern.split(".")) == len(parts) and all(
+            p == "*" or p == q for p, q in zip(pattern.split("."), parts)) for pattern in self.extra_leaves)
 
     def _may_take_cache(self, module: nn.Module) -> bool:
         if _is_torch_builtin(module) or _is_peft_layer(module):
@@ -185,11 +194,27 @@ class TracePolicy:
         # Only direct arguments count: wrapper code passes dicts of call kwargs around.
         if not named and not caches.within((*args, *kwargs.values()), deep=False):
             return None
-        runs_children = bool(_names_used(fn) & set(module._modules))
+        runs_children = _runs_children(type(module), fn, frozenset(module._modules), set())
         given = [*args, *kwargs.values()]
         given += [item for v in given if isinstance(v, (list, tuple)) and not is_namedtuple(v) for item in v]
         data = any(isinstance(v, torch.Tensor) and v not in caches for v in given)  # a latent, a list of latents
         return runs_children and data
+
+
+def _runs_children(cls: type, fn: Any, children: frozenset[str], seen: set[int]) -> bool:
+    """Whether ``fn`` calls one of the module's children, itself or through the class's other
+    methods it names (``self._run_blocks(...)``, ``super().infer(...)``)."""
+    seen.add(id(fn))
+    names = _names_used(fn)
+    if names & children:
+        return True
+    for name in names:
+        for klass in cls.__mro__:
+            other = klass.__dict__.get(name)
+            if inspect.isfunction(other) and id(other) not in seen and not other.__module__.startswith("torch.") \
+                    and _runs_children(cls, other, children, seen):
+                return True
+    return False
 
 
 def _bind(fn: Any, module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> list[tuple[str, Any]]:

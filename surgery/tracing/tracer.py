@@ -239,6 +239,7 @@ class ExampleTracer(fx.Tracer):
         self.cache_values = CacheValues()
         self._leaf_decisions: dict[int, bool] = {}
         self._leaf_names: set[str] = set()
+        self._failed_eagerly = False
         self._created: list[fx.Node] = []
         self._templates: dict[tuple, Template] = {}
         self._object_attrs: dict[int, str] = {}
@@ -256,6 +257,11 @@ class ExampleTracer(fx.Tracer):
         self._concrete_depth += 1
         try:
             yield
+        except Exception:
+            # The example values themselves failed (an op, a leaf, a helper run eagerly):
+            # making something a leaf cannot help, which the explanation must know.
+            self._failed_eagerly = True
+            raise
         finally:
             self._concrete_depth -= 1
 
@@ -711,13 +717,15 @@ class ExampleTracer(fx.Tracer):
                 "express it with tensor operations so the graph computes it on every call (torch.where(condition, "
                 "a, b) instead of an if, a tensor factor instead of float(...)), or compute it before calling the "
                 "model and pass it in as a Python number")
-        if leaf is not None:
-            return TraceError(
-                f"the example call fails inside `{leaf}`, which runs eagerly as a leaf: {cause}",
-                "the cause is unknown to surgery; run the model itself on the example inputs: if it fails "
-                f"the same way, fix the inputs; if not, `{leaf}` needs tensor values that tracing does not "
-                f"compute; look at {where}")
         owner = self._owner()
+        if leaf is not None or self._failed_eagerly:
+            place = f"inside `{leaf}`, which runs eagerly as a leaf" if leaf else (
+                f"in `{owner}`" if owner else "in the model's top-level code")
+            return TraceError(
+                f"running {cause} on the example values fails {place}",
+                "the cause is unknown to surgery; run the model itself on the example inputs: if it fails the "
+                "same way, fix the inputs; if not, that code needs something tracing cannot give it (real tensor "
+                f"data, for numpy or a custom kernel); look at {where}")
         if owner is None:
             return TraceError(
                 f"cannot trace {cause} in the model's top-level code",

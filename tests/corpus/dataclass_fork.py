@@ -1,7 +1,8 @@
 """A research fork that keeps its streaming state in dataclasses.
 
 Habits on show: caches are ``@dataclass`` objects (``LayerCache`` per block with a plain
-``int`` write position, ``TextCache`` for cross-attention); ``forward`` is the whole model,
+``int`` write position, which the model's own code branches on; ``TextCache`` for
+cross-attention); ``forward`` is the whole model,
 not a dispatcher, and takes its latent keyword-only; cache positions are committed by a
 helper method after the blocks; the block's modulation parameter is called ``mod`` (as in
 many DiT forks); RoPE is applied in place in the block's own code; residual adds run in
@@ -123,6 +124,7 @@ class StreamDiT(nn.Module):
         self.y_embed = nn.Linear(TEXT_DIM, dim)
         self.blocks = nn.ModuleList(DiTBlock(dim, heads, ffn_dim) for _ in range(depth))
         self.final = nn.Linear(dim, IN_CH * 4)
+        self.bos = nn.Parameter(torch.randn(dim) * 0.02)  # marks the first chunk of a stream
 
     def forward(self, *, latent: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
                 state: Optional[StreamState] = None) -> torch.Tensor:
@@ -132,6 +134,8 @@ class StreamDiT(nn.Module):
         t_freq = t.to(x.dtype)[..., None] * freqs
         mod = self.t_embed(torch.cat([t_freq.cos(), t_freq.sin()], dim=-1)).unflatten(1, (6, self.dim))
         start = state.layers[0].length if state is not None else 0
+        if start == 0:
+            x = x + self.bos
         positions = torch.arange(start, start + x.shape[1])
         rope = rope_tables(positions, self.dim // self.heads)
         y = self.y_embed(text)

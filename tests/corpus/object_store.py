@@ -3,7 +3,8 @@
 ``forward(*args, **kwargs)`` dispatches to ``infer`` when a ``store`` is given. The
 self-attention cache is a ``KVStore`` object (``append`` / ``view`` methods) reached
 through a ``Stores`` object; the cross-attention cache is a list of ``[k, v]`` lists under
-the conventional ``crossattn_cache`` name. After the blocks, ``infer`` calls the store's
+the conventional ``crossattn_cache`` name. The prompt is a list of per-sample embeddings
+of any length, cut and padded to the model's text length. After the blocks, ``infer`` calls the store's
 own ``commit`` through a helper. Attention picks its kernel from a backend name, blocks
 forward ``**kwargs`` to their attention, and the block loop has a gradient-checkpointing
 branch guarded by ``torch.is_grad_enabled()``.
@@ -18,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-DIM, HEADS, FFN, LAYERS, CTX, IN_CH, ROOM = 16, 2, 32, 3, 12, 4, 24
+DIM, HEADS, FFN, LAYERS, CTX, IN_CH, ROOM, TEXT = 16, 2, 32, 3, 12, 4, 24, 6
 
 
 class KVStore:
@@ -118,7 +119,7 @@ class StreamingTransformer(nn.Module):
             return self.infer(*args, **kwargs)
         return self.infer(*args, store=None, crossattn_cache=None, **kwargs)
 
-    def infer(self, latents: torch.Tensor, sigma: torch.Tensor, prompt: torch.Tensor, store: Optional[Stores] = None,
+    def infer(self, latents: torch.Tensor, sigma: torch.Tensor, prompt: list, store: Optional[Stores] = None,
               crossattn_cache: Optional[list] = None, **block_kwargs: Any) -> torch.Tensor:
         shape = latents.shape
         x = self.patchify(latents).flatten(2).transpose(1, 2)
@@ -126,7 +127,8 @@ class StreamingTransformer(nn.Module):
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
         angles = sigma.to(x.dtype)[:, None] * freqs[None]
         e = self.time_mlp(torch.cat([angles.cos(), angles.sin()], dim=1))[:, None, :]
-        context = self.context_proj(prompt)
+        context = self.context_proj(torch.stack([torch.cat([u[:TEXT], u.new_zeros(TEXT, u.shape[-1])])[:TEXT]
+                                                 for u in prompt]))
         for i, layer in enumerate(self.layers):
             kv = store[i] if store is not None else None
             cross = crossattn_cache[i] if crossattn_cache is not None else None
@@ -156,7 +158,7 @@ def new_cache(model: StreamingTransformer) -> dict:
 
 def call(model: nn.Module, cache: dict, chunk: int, generator: torch.Generator) -> tuple[tuple, dict]:
     latents = torch.randn(1, IN_CH, 2, 4, 4, generator=generator)
-    prompt = torch.randn(1, 5, CTX, generator=torch.Generator().manual_seed(7))
+    prompt = [torch.randn(5, CTX, generator=torch.Generator().manual_seed(7))]
     sigma = torch.tensor([1.0 - 0.25 * chunk])
     return (latents, sigma, prompt), dict(cache)
 

@@ -1,8 +1,8 @@
 """A model whose author chose names that collide with everything a tracer uses itself.
 
-The latent is called ``target``, the timestep ``name``, the per-block modulation ``mod``,
-the self-attention cache ``self_`` and the cross-attention cache ``args``; ``kwargs`` is an
-ordinary parameter. Caches are ``namedtuple``s (their tensors are written in place) held
+The latent is called ``target``, the timestep ``name``, the text ``args`` (passed by
+keyword), the per-block modulation ``mod``, the self-attention cache ``self_`` and the
+cross-attention cache ``args``; ``kwargs`` is an ordinary parameter. Caches are ``namedtuple``s (their tensors are written in place) held
 in a plain ``Memory`` object. Inputs include an integer timestep tensor, a bool keep-mask,
 and the code indexes with tensors, ``None``, ``...`` and slices. The FFN has an
 ``Identity`` between its activation and its second Linear; blocks live in ``trunk``.
@@ -102,20 +102,21 @@ class Net(nn.Module):
         super().__init__()
         self.stem = nn.Conv3d(CHANNELS, WIDTH, kernel_size=(1, 2, 2), stride=(1, 2, 2))
         self.clock = nn.Linear(1, WIDTH)
+        self.tempo = nn.Parameter(torch.tensor(1e-3))
         self.words = nn.Linear(WORDS, WIDTH)
         self.where = nn.Parameter(torch.randn(ROOM, WIDTH) * 0.02)
         self.trunk = nn.ModuleList(Cell(WIDTH, HEADS, HIDDEN) for _ in range(DEPTH))
         self.tail = nn.Linear(WIDTH, CHANNELS * 4)
 
-    def forward(self, target: torch.Tensor, name: torch.Tensor, keep: torch.Tensor, words: torch.Tensor,
+    def forward(self, target: torch.Tensor, name: torch.Tensor, keep: torch.Tensor, args: torch.Tensor,
                 memory: Optional[Memory] = None) -> torch.Tensor:
         grid = target.shape[2:]
         x = self.stem(target).flatten(2).transpose(1, 2)
         x = x * keep[..., None].to(x.dtype)
         offset = memory.layers[0].n if memory is not None else torch.zeros((), dtype=torch.long)
         x = x + self.where[torch.arange(x.shape[1]) + offset][None, ...]
-        mod = F.silu(self.clock((name / 1000)[:, None]))
-        text = self.words(words[:, :6])
+        mod = F.silu(self.clock((name * self.tempo)[:, None]))
+        text = self.words(args[:, :6])
         for i, cell in enumerate(self.trunk):
             x = cell(x, mod, text, memory.layers[i] if memory is not None else None,
                      memory.text[i] if memory is not None else None)
@@ -138,7 +139,7 @@ def call(model: nn.Module, cache: Memory, chunk: int, generator: torch.Generator
     keep = torch.ones(1, 8, dtype=torch.bool)
     keep[:, chunk] = False
     words = torch.randn(1, 7, WORDS, generator=torch.Generator().manual_seed(7))
-    return (target, torch.tensor([900 - 200 * chunk]), keep, words), {"memory": cache}
+    return (target, torch.tensor([900 - 200 * chunk]), keep), {"args": words, "memory": cache}
 
 
 def output_of(result: torch.Tensor) -> torch.Tensor:
