@@ -9,6 +9,7 @@ diffusers (the ``test`` extra installs it).
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import pytest
 import torch
@@ -176,3 +177,17 @@ def test_diffusers_folder_and_native_checkpoints_load(models, tmp_path):
         load_vace_weights(fresh, path, key_map=key_map)
         loaded = fresh.state_dict()
         assert all(torch.equal(loaded[k], v) for k, v in vace_weights.items()), path.name
+
+
+def test_pickled_model_keeps_its_family(models):
+    _, result, _ = models
+    buffer = io.BytesIO()
+    torch.save(result.module, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.surgery_state.rule.options["profile"] == "diffusers"
+    args, control = _call(2, 4, 4, seed=9)
+    with torch.no_grad():
+        ours = loaded(*args, control_hidden_states=control, control_hidden_states_scale=torch.tensor([2.0, 0.5]))
+        theirs = result.module(*args, control_hidden_states=control, control_hidden_states_scale=torch.tensor([2.0, 0.5]))
+    assert (ours.sample - theirs.sample).abs().max().item() == 0.0
