@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import os
 import re
 from typing import Any
 
@@ -18,20 +19,22 @@ import torch
 import torch.nn as nn
 
 import surgery
+from corpus import Family, object_store
 from corpus.handwritten import HookedVace, random_vace_weights
 from examples import PIPELINES
 from examples.driver import example_call
 from examples.reference import CausalVaceWanModel, load_vace_state_dict, random_vace_state_dict
 from rules import vace
-from surgery.errors import MatchError
+from surgery.errors import MatchError, TraceError
+from test_errors import DataDependentFFN as ClampingFFN
 
 CORPUS = ["diffusers_fork", "dataclass_fork", "odd_names", "object_store"]
 VACE_IN_DIM = 8
 CHUNKS = 3
 
 
-def corpus(name: str) -> Any:
-    return importlib.import_module(f"corpus.{name}")
+def corpus(name: str) -> Family:
+    return importlib.import_module(f"corpus.{name}").FAMILY
 
 
 def _context(seed: int, frames: int = 2) -> torch.Tensor:
@@ -129,8 +132,8 @@ def test_corpus_model_streams_like_hand_written_vace(name):
     model = result.module
     layers = [m.position for m in result.matches if m.hint_index is not None]
     hand_base = family.build(0)
-    blocks = family.blocks(hand_base)
-    hand = HookedVace(hand_base, blocks, family.patch_embedding(hand_base), family.vace_block, family.vace_block_call,
+    blocks = family.blocks_of(hand_base)
+    hand = HookedVace(hand_base, blocks, family.embedding_of(hand_base), family.vace_block, family.vace_block_call,
                       VACE_IN_DIM, layers, _projections(model, family))
     weights = random_vace_weights(hand, seed=3)
     hand.load_state_dict(weights, strict=False)
@@ -179,7 +182,7 @@ def test_tracing_never_touches_the_callers_model_or_caches(name):
 def test_model_without_num_layers_gets_a_hint_every_second_matched_block(name):
     family = corpus(name)
     _, result = _apply(family)
-    count = len(family.blocks(result.module))
+    count = len(family.blocks_of(result.module))
     assert [m.position for m in result.matches] == list(range(count))
     assert [m.hint_index for m in result.matches] == [k // 2 if k % 2 == 0 else None for k in range(count)]
     assert len(result.module.vace_blocks) == (count + 1) // 2
@@ -240,19 +243,6 @@ def test_host_that_filters_keywords_by_signature_passes_vace_inputs(name):
 # the construct and the place, and the fix it suggests is applied here and works; where the
 # cause cannot be known, the message says so and where to look.
 
-class ClampingFFN(nn.Module):
-    """A feed-forward that clamps outliers first: a Python branch on activation values."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.abs().amax() > 1e4:
-            x = x.clamp(-1e4, 1e4)
-        return self.inner(x)
-
-
 class ClampingFFNFixed(ClampingFFN):
     """The fix the message asks for: the same computation as tensor operations."""
 
@@ -277,7 +267,7 @@ class GainFromContextFixed(GainFromContext):
         return self.inner(x, context, crossattn_cache=crossattn_cache) * context.std()
 
 
-class NumpyCrossAttention(corpus("object_store").CrossAttention):
+class NumpyCrossAttention(object_store.CrossAttention):
     """A cross-attention (a leaf: it takes the cache) that leaves torch for numpy, which
     tracing without values cannot run."""
 
@@ -298,7 +288,7 @@ class TypeCheckedNorm(nn.Module):
         return self.inner(x)
 
 
-class CheckedBlock(corpus("object_store").Block):
+class CheckedBlock(object_store.Block):
     """A block that checks its cache's fill level in its own code (a real integer cache value)."""
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, kv: Any = None,
@@ -316,7 +306,7 @@ class RoomCheck(nn.Module):
             raise RuntimeError("the stream is longer than the cache")
 
 
-class CheckedBlockFixed(corpus("object_store").Block):
+class CheckedBlockFixed(object_store.Block):
     def __init__(self, dim: int, heads: int, ffn_dim: int) -> None:
         super().__init__(dim, heads, ffn_dim)
         self.room = RoomCheck()
@@ -415,7 +405,7 @@ def _with_leaves(names: list[str]) -> Any:
 def _line(cls: type, needle: str) -> str:
     lines, start = inspect.getsourcelines(cls.forward)
     index = next(i for i, line in enumerate(lines) if needle in line)
-    return f"test_corpus.py:{start + index}"
+    return f"{os.path.basename(inspect.getsourcefile(cls))}:{start + index}"
 
 
 VALUES_FIX = "express it with tensor operations"
@@ -428,7 +418,7 @@ VALUES_FIX = "express it with tensor operations"
 def test_reading_activation_values_asks_for_tensor_operations_and_that_works(where, wrapper, fixed, needle):
     layer, name = where.split(".")[1], where.split(".")[2]
     model = _store_model(lambda m: setattr(m.layers[int(layer)], name, wrapper(getattr(m.layers[int(layer)], name))))
-    message = _fails(model, surgery.errors.TraceError)
+    message = _fails(model, TraceError)
     assert f"`{needle}" in message and _line(wrapper, needle) in message and f"`{where}`" in message
     assert VALUES_FIX in message and "with_leaves" not in message  # a leaf would not have the values either
     target = getattr(model.layers[int(layer)], name)
@@ -437,7 +427,7 @@ def test_reading_activation_values_asks_for_tensor_operations_and_that_works(whe
 
 
 def test_top_level_code_reading_a_value_asks_for_a_number_and_that_works():
-    message = _fails(SigmaBranching(corpus(STORE).build(0)), surgery.errors.TraceError)
+    message = _fails(SigmaBranching(corpus(STORE).build(0)), TraceError)
     assert "top-level code" in message and "pass it in as a Python number" in message
     assert _line(SigmaBranching, "if float(sigma.max())") in message
     family = corpus(STORE)
@@ -446,8 +436,7 @@ def test_top_level_code_reading_a_value_asks_for_a_number_and_that_works():
         def call(model: nn.Module, cache: Any, chunk: int, generator: torch.Generator, flag: bool = low_noise):
             args, kwargs = family.call(model, cache, chunk, generator)
             return args, {**kwargs, "low_noise": flag}
-        given = type("WithNumber", (), {"new_cache": staticmethod(family.new_cache),
-                                        "output_of": staticmethod(family.output_of), "call": staticmethod(call)})
+        given = dataclasses.replace(family, call=call)
         fixed = SigmaGiven(family.build(0))
         _works(fixed, family=given)
         outputs.append(_stream(fixed, given)[0])
@@ -456,7 +445,7 @@ def test_top_level_code_reading_a_value_asks_for_a_number_and_that_works():
 
 def test_untraceable_construct_in_a_submodule_names_it_and_making_it_a_leaf_works():
     model = _store_model(lambda m: setattr(m.layers[1], "norm3", TypeCheckedNorm(m.layers[1].norm3)))
-    message = _fails(model, surgery.errors.TraceError)
+    message = _fails(model, TraceError)
     assert "`assert isinstance" in message and _line(TypeCheckedNorm, "assert isinstance") in message
     assert _suggested_leaves(message) == ["layers.1.norm3"]
     _works(model, _with_leaves(_suggested_leaves(message)))
@@ -464,7 +453,7 @@ def test_untraceable_construct_in_a_submodule_names_it_and_making_it_a_leaf_work
 
 def test_cache_value_read_in_a_block_moves_into_a_submodule_and_that_works():
     model = _store_model(_blocks_of(CheckedBlock))
-    message = _fails(model, surgery.errors.TraceError)
+    message = _fails(model, TraceError)
     assert "data-dependent control flow" in message and _line(CheckedBlock, "int(kv.size)") in message
     assert _suggested_leaves(message) == ["layers.0"]
     # A block is what the rule matches: as a leaf it cannot match...
@@ -482,7 +471,7 @@ def test_failure_inside_a_leaf_says_the_cause_is_unknown_and_where_to_look():
             numpy_attention = NumpyCrossAttention(layer.dim, layer.heads)
             numpy_attention.load_state_dict(layer.cross_attn.state_dict())
             layer.cross_attn = numpy_attention
-    message = _fails(_store_model(change), surgery.errors.TraceError)
+    message = _fails(_store_model(change), TraceError)
     assert "inside `layers.0.cross_attn`, which runs eagerly as a leaf" in message
     assert "cause is unknown" in message and "look at " in message
     assert _line(NumpyCrossAttention, "gain = torch.from_numpy") in message.split("look at ")[1]
@@ -490,7 +479,7 @@ def test_failure_inside_a_leaf_says_the_cause_is_unknown_and_where_to_look():
 
 
 def test_untraceable_top_level_code_says_the_cause_is_unknown_and_where_to_look():
-    message = _fails(AssertsTopLevel(corpus(STORE).build(0)), surgery.errors.TraceError)
+    message = _fails(AssertsTopLevel(corpus(STORE).build(0)), TraceError)
     assert "top-level code" in message and "cause is unknown" in message
     assert _line(AssertsTopLevel, "assert type(latents)") in message and "with_leaves" not in message
 
@@ -504,8 +493,7 @@ def test_wrong_block_count_suggests_the_count_and_that_works():
 
 def test_attention_traced_through_suggests_leaves_and_that_works():
     family = corpus("odd_names")
-    cache_free = type("CacheFree", (), {"new_cache": staticmethod(lambda model: None),
-                                        "output_of": staticmethod(family.output_of), "call": staticmethod(family.call)})
+    cache_free = dataclasses.replace(family, new_cache=lambda model: None)
     model = family.build(0)  # called without memory: no cache marks the attention modules
     options = {"vace_in_dim": VACE_IN_DIM, "vace_layers": [0, 2]}
     message = _fails(model, MatchError, vace.rule(**options), cache_free)

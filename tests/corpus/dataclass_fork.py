@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from corpus import Family
+
 DIM, HEADS, FFN, LAYERS, TEXT_DIM, FREQ_DIM, IN_CH, CAPACITY = 16, 2, 32, 4, 12, 16, 4, 24
 
 
@@ -154,12 +156,7 @@ class StreamDiT(nn.Module):
 
 # ----- what the corpus test needs ----------------------------------------------------------
 
-def build(seed: int = 0) -> StreamDiT:
-    torch.manual_seed(seed)
-    return StreamDiT().eval()
-
-
-def new_cache(model: StreamDiT) -> StreamState:
+def new_cache(model: nn.Module) -> StreamState:
     return StreamState([LayerCache(torch.zeros(1, CAPACITY, HEADS, DIM // HEADS),
                                    torch.zeros(1, CAPACITY, HEADS, DIM // HEADS)) for _ in range(LAYERS)],
                        [TextCache() for _ in range(LAYERS)])
@@ -171,21 +168,8 @@ def call(model: nn.Module, cache: StreamState, chunk: int, generator: torch.Gene
     return (), {"latent": latent, "t": torch.tensor([1000 - 300 * chunk]), "text": text, "state": cache}
 
 
-def output_of(result: torch.Tensor) -> torch.Tensor:
-    return result
-
-
-def blocks(model: StreamDiT) -> nn.ModuleList:
-    return model.blocks
-
-
-def patch_embedding(model: StreamDiT) -> nn.Conv3d:
-    return model.x_embed
-
-
-def vace_block() -> DiTBlock:
-    return DiTBlock(DIM, HEADS, FFN)
-
-
-def vace_block_call(block: nn.Module, c: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-    return block(c, args[1], args[2], args[3])
+FAMILY = Family(
+    model=StreamDiT, new_cache=new_cache, call=call, blocks="blocks", patch_embedding="x_embed",
+    vace_block=lambda: DiTBlock(DIM, HEADS, FFN),
+    vace_block_call=lambda block, c, args, kwargs: block(c, args[1], args[2], args[3]),
+)

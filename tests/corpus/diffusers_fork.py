@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from corpus import Family
+
 
 @dataclass(frozen=True)
 class TransformerConfig:
@@ -217,16 +219,11 @@ class WanStreamTransformer3DModel(nn.Module):
 # ----- what the corpus test needs ----------------------------------------------------------
 
 CONFIG = TransformerConfig()
+INNER = CONFIG.num_attention_heads * CONFIG.attention_head_dim
 
 
-def build(seed: int = 0) -> WanStreamTransformer3DModel:
-    torch.manual_seed(seed)
-    return WanStreamTransformer3DModel(CONFIG).eval()
-
-
-def new_cache(model: WanStreamTransformer3DModel) -> list:
-    inner = CONFIG.num_attention_heads * CONFIG.attention_head_dim
-    return [{"self": {"k": torch.zeros(1, CONFIG.cache_tokens, inner), "v": torch.zeros(1, CONFIG.cache_tokens, inner),
+def new_cache(model: nn.Module) -> list:
+    return [{"self": {"k": torch.zeros(1, CONFIG.cache_tokens, INNER), "v": torch.zeros(1, CONFIG.cache_tokens, INNER),
                       "end": torch.zeros((), dtype=torch.long)},
              "cross": {"k": None, "v": None, "ready": False}}
             for _ in range(CONFIG.num_layers)]
@@ -239,23 +236,11 @@ def call(model: nn.Module, cache: list, chunk: int, generator: torch.Generator) 
     return (latent, timestep, text), {"past_key_values": cache}
 
 
-def output_of(result: Any) -> torch.Tensor:
-    return result[0]
-
-
-def blocks(model: WanStreamTransformer3DModel) -> nn.ModuleList:
-    return model.blocks
-
-
-def patch_embedding(model: WanStreamTransformer3DModel) -> nn.Conv3d:
-    return model.patch_embedding
-
-
-def vace_block() -> WanTransformerBlock:
-    inner = CONFIG.num_attention_heads * CONFIG.attention_head_dim
-    return WanTransformerBlock(inner, CONFIG.ffn_dim, CONFIG.num_attention_heads)
-
-
-def vace_block_call(block: nn.Module, c: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-    """How this model's block runs without caches: its three required inputs, by hand."""
-    return block(c, args[1], args[2])
+FAMILY = Family(
+    model=lambda: WanStreamTransformer3DModel(CONFIG), new_cache=new_cache, call=call,
+    blocks="blocks", patch_embedding="patch_embedding",
+    vace_block=lambda: WanTransformerBlock(INNER, CONFIG.ffn_dim, CONFIG.num_attention_heads),
+    # Without caches the block needs its three required inputs.
+    vace_block_call=lambda block, c, args, kwargs: block(c, args[1], args[2]),
+    output_of=lambda result: result[0],
+)

@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from corpus import Family
+
 DIM, HEADS, FFN, LAYERS, CTX, IN_CH, ROOM, TEXT = 16, 2, 32, 3, 12, 4, 24, 6
 
 
@@ -147,15 +149,6 @@ class StreamingTransformer(nn.Module):
 
 # ----- what the corpus test needs ----------------------------------------------------------
 
-def build(seed: int = 0) -> StreamingTransformer:
-    torch.manual_seed(seed)
-    return StreamingTransformer().eval()
-
-
-def new_cache(model: StreamingTransformer) -> dict:
-    return {"store": Stores(LAYERS, ROOM, DIM), "crossattn_cache": [[] for _ in range(LAYERS)]}
-
-
 def call(model: nn.Module, cache: dict, chunk: int, generator: torch.Generator) -> tuple[tuple, dict]:
     latents = torch.randn(1, IN_CH, 2, 4, 4, generator=generator)
     prompt = [torch.randn(5, CTX, generator=torch.Generator().manual_seed(7))]
@@ -163,21 +156,10 @@ def call(model: nn.Module, cache: dict, chunk: int, generator: torch.Generator) 
     return (latents, sigma, prompt), dict(cache)
 
 
-def output_of(result: torch.Tensor) -> torch.Tensor:
-    return result
-
-
-def blocks(model: StreamingTransformer) -> nn.ModuleList:
-    return model.layers
-
-
-def patch_embedding(model: StreamingTransformer) -> nn.Conv3d:
-    return model.patchify
-
-
-def vace_block() -> Block:
-    return Block(DIM, HEADS, FFN)
-
-
-def vace_block_call(block: nn.Module, c: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-    return block(c, args[1], args[2])
+FAMILY = Family(
+    model=StreamingTransformer,
+    new_cache=lambda model: {"store": Stores(LAYERS, ROOM, DIM), "crossattn_cache": [[] for _ in range(LAYERS)]},
+    call=call, blocks="layers", patch_embedding="patchify",
+    vace_block=lambda: Block(DIM, HEADS, FFN),
+    vace_block_call=lambda block, c, args, kwargs: block(c, args[1], args[2]),
+)

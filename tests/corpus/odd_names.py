@@ -16,6 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from corpus import Family
+
+from corpus import Family
+
 WIDTH, HEADS, HIDDEN, DEPTH, WORDS, CHANNELS, ROOM = 16, 4, 48, 3, 10, 4, 24
 
 KV = namedtuple("KV", "k v n")
@@ -125,15 +129,6 @@ class Net(nn.Module):
 
 # ----- what the corpus test needs ----------------------------------------------------------
 
-def build(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return Net().eval()
-
-
-def new_cache(model: Net) -> Memory:
-    return Memory(DEPTH, WIDTH)
-
-
 def call(model: nn.Module, cache: Memory, chunk: int, generator: torch.Generator) -> tuple[tuple, dict]:
     target = torch.randn(1, CHANNELS, 2, 4, 4, generator=generator)
     keep = torch.ones(1, 8, dtype=torch.bool)
@@ -142,21 +137,8 @@ def call(model: nn.Module, cache: Memory, chunk: int, generator: torch.Generator
     return (target, torch.tensor([900 - 200 * chunk]), keep), {"args": words, "memory": cache}
 
 
-def output_of(result: torch.Tensor) -> torch.Tensor:
-    return result
-
-
-def blocks(model: Net) -> nn.ModuleList:
-    return model.trunk
-
-
-def patch_embedding(model: Net) -> nn.Conv3d:
-    return model.stem
-
-
-def vace_block() -> Cell:
-    return Cell(WIDTH, HEADS, HIDDEN)
-
-
-def vace_block_call(block: nn.Module, c: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-    return block(c, args[1], args[2])
+FAMILY = Family(
+    model=Net, new_cache=lambda model: Memory(DEPTH, WIDTH), call=call, blocks="trunk", patch_embedding="stem",
+    vace_block=lambda: Cell(WIDTH, HEADS, HIDDEN),
+    vace_block_call=lambda block, c, args, kwargs: block(c, args[1], args[2]),
+)
