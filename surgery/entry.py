@@ -208,11 +208,15 @@ class LatentCheck:
 
 
 def _in_channels(model: nn.Module, path: str) -> int | None:
-    try:
-        module = model.get_submodule(path)
-    except AttributeError:
-        return None
-    base = getattr(module, "base_layer", module)  # a PEFT LoRA wrapper keeps the conv as base_layer
+    module: nn.Module | None = model
+    for part in path.split("."):  # a plain walk: this runs on every call, get_submodule costs more
+        module = module._modules.get(part)
+        if module is None:
+            return None
+    # A PEFT LoRA wrapper keeps the conv as its base_layer submodule (read from _modules: a
+    # missing attribute costs nn.Module.__getattr__ an exception, 3 us on every call).
+    wrapped = module._modules.get("base_layer")
+    base = module if wrapped is None else wrapped
     channels = getattr(base, "in_channels", None)
     return channels if isinstance(channels, int) else None
 

@@ -196,6 +196,15 @@ def test_a_call_that_fits_no_signature_is_refused(setup):
     assert "fits no signature of CausalWanModel.forward" in message and "missing a required argument: 't'" in message
 
 
+def latent_change(change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[tuple, dict], tuple[tuple, dict]]:
+    """Apply ``change`` to the latent, wherever the call passes it."""
+    def swap(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (change(args[0]),), kwargs
+        return args, {**kwargs, "x": change(kwargs["x"])}
+    return swap
+
+
 LATENTS = {
     "channels": (lambda x: x[:, :3], "the latent 'x' of shape (1, 3, 3, 4, 4) has 3 channels on dimension 1, "
                                      "but patch_embedding takes 16"),
@@ -208,13 +217,7 @@ LATENTS = {
 @pytest.mark.parametrize("case", list(LATENTS))
 def test_a_latent_the_embedding_cannot_take_is_refused(case, form, setup):
     change, needle = LATENTS[case]
-
-    def swap(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if args:
-            return (change(args[0]),), kwargs
-        return args, {**kwargs, "x": change(kwargs["x"])}
-
-    message = refused(setup, CallError, form=form, change=swap)
+    message = refused(setup, CallError, form=form, change=latent_change(change))
     assert needle in message, message
     if case == "meta":
         assert ("positional argument 0" if form == "positional" else "input 'x'") in message
@@ -227,8 +230,13 @@ def test_checks_run_through_a_peft_wrapper():
     peft = pytest.importorskip("peft")
     s = _setup()
     expected = call(s.module, s, vace_context=ctx())
-    wrapped = peft.get_peft_model(s.module, peft.LoraConfig(r=2, target_modules=["blocks.0.self_attn.q", "ffn.0"]))
+    # The patch embedding is wrapped too: the latent check reads its channels from base_layer.
+    wrapped = peft.get_peft_model(s.module, peft.LoraConfig(r=2, target_modules=["blocks.0.self_attn.q", "ffn.0",
+                                                                                  "patch_embedding"]))
+    assert type(s.module.patch_embedding).__module__.startswith("peft.")
     for form in FORMS:
+        assert "but patch_embedding takes 16" in refused(s, CallError, form=form, module=wrapped,
+                                                         change=latent_change(lambda x: x[:, :3]))
         assert "does not fit the latent" in refused(s, CallError, form=form, module=wrapped, vace_context=ctx(1, 48, 3, 4, 4))
         assert "unknown keyword argument 'vace_ctx'" in refused(s, CallError, form=form, module=wrapped, vace_ctx=ctx())
         assert "in the model's dtype" in refused(s, CallError, form=form, module=wrapped, vace_context=ctx(),

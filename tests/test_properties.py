@@ -30,6 +30,7 @@ from examples.reference import CausalVaceWanModel, load_vace_state_dict, native_
 from examples.wan.pipeline import MODEL_SIZES
 from rules import vace
 from surgery.errors import CallError
+from test_call_checks import latent_change
 from test_identity import InputRecord
 
 SOAK = int(os.environ.get("SURGERY_SOAK", "0") or 0)
@@ -166,14 +167,6 @@ def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(nan_a, nan_b) and torch.equal(a.masked_fill(nan_a, 0), b.masked_fill(nan_b, 0))
 
 
-def _with_latent(change):
-    def apply_(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if args:
-            return (change(args[0]),), kwargs
-        return (), {**kwargs, "x": change(kwargs["x"])}
-    return apply_
-
-
 # name -> (rule inputs or a call change, whether it is refused for a model of this dtype)
 BAD_STEPS = {
     "nan-scale": (dict(vace_context_scale=float("nan")), lambda dtype: True),
@@ -186,8 +179,8 @@ BAD_STEPS = {
     "bool-context": (dict(vace_context=lambda h, w: _ctx(h, w) > 0), lambda dtype: True),
     "zero-frame-context": (dict(vace_context=lambda h, w: _ctx(h, w)[:, :, :0]), lambda dtype: True),
     "misspelt-keyword": (dict(vace_ctx=lambda h, w: _ctx(h, w)), lambda dtype: True),
-    "channels-latent": (_with_latent(lambda x: x[:, :3]), lambda dtype: True),
-    "int-latent": (_with_latent(lambda x: x.long()), lambda dtype: True),
+    "channels-latent": (latent_change(lambda x: x[:, :3]), lambda dtype: True),
+    "int-latent": (latent_change(lambda x: x.long()), lambda dtype: True),
 }
 
 STEPS = st.one_of(
