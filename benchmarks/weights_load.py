@@ -1,31 +1,40 @@
-"""Benchmark: ``load_vace_weights`` versus plain ``safetensors.torch.load_file``.
+"""Benchmark: ``load_vace_weights`` against plain ``safetensors`` loading, target ratio <= 1.1.
 
-Writes a VACE-module-sized bf16 file (Wan 1.3B dims: dim 1536, ffn 8960, 15 VACE blocks,
-about 735 M parameters, 1.47 GB; ``--scale`` shrinks dim and ffn), then measures each
-method in fresh subprocesses (``--repeat``, median reported): wall time, peak extra RSS over the process with the model
-already built, and the RSS left afterwards (anonymous vs file-backed pages). Prints JSON.
+Writes a VACE-branch-sized checkpoint twice, in bfloat16 and in float32 (Wan 1.3B dims:
+dim 1536, ffn 8960, 15 VACE blocks, about 735 M parameters, 1.47 GB in bf16; ``--scale``
+shrinks dim and ffn), then times pairs of methods, each run in a fresh process on a
+model built the way surgery grafts it (``surgery.grafting.build.allocate``: zero pages
+that cost nothing until written), with the page cache warmed first so disk speed does
+not count. The two sides of a pair alternate (ABBA) so that the machine's load hits both
+alike; the ratio is the median over the pairs of candidate / baseline.
 
-    PYTHONPATH=. python benchmarks/weights_load.py            # full size (~6 GB RAM peak)
-    PYTHONPATH=. python benchmarks/weights_load.py --scale 0.1
+    PYTHONPATH=. python benchmarks/weights_load.py --pairs 7            # full size (~9 GB RAM)
+    PYTHONPATH=. python benchmarks/weights_load.py --scale 0.25 --pairs 3
+    PYTHONPATH=. python benchmarks/weights_load.py --out benchmarks/results/weights_load.json
 
-Methods (each in its own process, page cache warmed first so disk speed does not count):
-* ``load_file``: ``safetensors.torch.load_file`` and read every byte of every tensor.
-  (``load_file`` memory-maps too, so its tensors are file-backed pages, not copies.)
-* ``load_file + load_state_dict``: the usual path, copying into the existing parameters.
-* ``load_vace_weights``: this project's loader (validates keys, shapes, NaN/Inf; assigns).
-* ``load_vace_weights mmap=False``: same, one private copy per tensor.
-* ``load_vace_weights (meta module)``: the model built on ``meta``, so no old weights exist.
-Each runs for a bf16 model (file dtype, no conversion) and a float32 model (conversion).
+Comparisons (candidate vs baseline, same file, same model):
+* ``copy bf16->bf16``: the default (every tensor copied, checked) vs ``load_file`` +
+  ``load_state_dict`` (copying into the model's parameters): the target pair.
+* ``convert f32->bf16``: the default with conversion vs ``load_file`` + ``load_state_dict``
+  (which converts in ``copy_``): the target pair.
+* ``mmap bf16->bf16``: ``mmap=True`` (parameters become the file's mapped tensors, checked)
+  vs plain ``load_file`` reading every byte of its mapped tensors: the target pair.
+* ``copy vs mapped load_file``: the default vs plain ``load_file`` reading every byte; for
+  information only: a copy into fresh memory cannot cost what mapping page-cache pages costs.
+``--populated`` also measures the ``load_state_dict`` pairs on a model whose pages were
+written before (a second load), where ``load_state_dict`` copies into memory that exists
+while the transactional loader still builds fresh storage.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -33,13 +42,20 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = (
-    "load_file",
-    "load_file + load_state_dict",
-    "load_vace_weights",
-    "load_vace_weights mmap=False",
-    "load_vace_weights (meta module)",
-)
+TARGET = 1.1
+# name -> (file dtype, model dtype, candidate method, baseline method, counts toward the target)
+COMPARISONS: dict[str, tuple[str, str, str, str, bool]] = {
+    "copy bf16->bf16": ("bfloat16", "bfloat16", "load_vace_weights", "load_file + load_state_dict", True),
+    "convert f32->bf16": ("float32", "bfloat16", "load_vace_weights", "load_file + load_state_dict", True),
+    "mmap bf16->bf16": ("bfloat16", "bfloat16", "load_vace_weights mmap=True", "load_file, every byte read", True),
+    "copy vs mapped load_file": ("bfloat16", "bfloat16", "load_vace_weights", "load_file, every byte read", False),
+}
+POPULATED = {
+    "copy bf16->bf16, populated model": ("bfloat16", "bfloat16", "load_vace_weights", "load_file + load_state_dict",
+                                         False),
+    "convert f32->bf16, populated model": ("float32", "bfloat16", "load_vace_weights", "load_file + load_state_dict",
+                                           False),
+}
 
 
 class Attn(nn.Module):
@@ -74,173 +90,156 @@ def dims(scale: float) -> tuple[int, int]:
     return max(64, round(1536 * scale / 64) * 64), max(64, round(8960 * scale / 64) * 64)
 
 
-def build(dim: int, ffn: int, blocks: int, dtype: torch.dtype, meta: bool) -> nn.Module:
-    """Build on meta (fast, no memory); materialise and fill unless ``meta`` is kept."""
+def build(dim: int, ffn: int, blocks: int, dtype: torch.dtype, populated: bool) -> nn.Module:
+    """The branch as surgery grafts it: built on meta, given lazily-zero storage."""
+    from surgery.grafting.build import allocate
+
     with torch.device("meta"):
-        model = VaceBranch(dim, ffn, blocks).to(dtype)
-    if not meta:
-        model.to_empty(device="cpu")
+        model = VaceBranch(dim, ffn, blocks)
+    allocate(model, device=torch.device("cpu"), dtype=dtype)
+    if populated:
         with torch.no_grad():
             for p in model.parameters():
-                p.fill_(0.01)  # touch every page, as a real initialised model would
+                p.fill_(0.01)  # a model whose weights were loaded once already
     return model
 
 
-def write_file(path: Path, dim: int, ffn: int, blocks: int) -> int:
+def write_files(directory: Path, dim: int, ffn: int, blocks: int) -> tuple[dict[str, Path], int]:
     from safetensors.torch import save_file
 
-    model = build(dim, ffn, blocks, torch.bfloat16, meta=True)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in VaceBranch(dim, ffn, blocks).state_dict().items()}
     g = torch.Generator().manual_seed(0)
-    tensors = {
-        k: torch.randn(v.shape, generator=g, dtype=torch.float32).to(torch.bfloat16)
-        for k, v in model.state_dict().items()
-    }
-    save_file(tensors, str(path))
-    return sum(t.numel() for t in tensors.values())
+    values = {k: torch.randn(shape, generator=g).to(torch.bfloat16) for k, shape in shapes.items()}
+    paths = {"bfloat16": directory / "vace_bf16.safetensors", "float32": directory / "vace_f32.safetensors"}
+    save_file(values, str(paths["bfloat16"]))
+    save_file({k: v.float() for k, v in values.items()}, str(paths["float32"]))
+    return paths, sum(v.numel() for v in values.values())
 
 
-def _status() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-class PeakRss:
-    """Peak RSS during a block: kernel high-water mark reset via clear_refs, plus sampling."""
-
-    def __enter__(self) -> "PeakRss":
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.hwm_reset = True
-        except OSError:
-            self.hwm_reset = False
-        self.sampled, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.sampled = max(self.sampled, _status()["VmRSS"])
-            time.sleep(0.002)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.sampled, _status()["VmHWM"] if self.hwm_reset else 0)
-
-
-def child(method: str, file: str, dim: int, ffn: int, blocks: int, dtype_name: str) -> dict:
+def child(method: str, file: str, dim: int, ffn: int, blocks: int, dtype_name: str, populated: bool) -> dict:
     from safetensors.torch import load_file
 
     from surgery.weights import load_vace_weights
 
-    dtype = getattr(torch, dtype_name)
-    model = build(dim, ffn, blocks, dtype, meta=method.endswith("(meta module)"))
-    before = _status()
+    model = build(dim, ffn, blocks, getattr(torch, dtype_name), populated)
+    # Start both sides of a pair from the same collector state: importing torch and building
+    # the model leave a full collection due, which would land on whichever side allocates more.
+    gc.collect()
     start = time.perf_counter()
-    with PeakRss() as peak:
-        if method == "load_file":
-            sd = load_file(file)
-            for t in sd.values():
-                t.view(-1).view(torch.uint8).max()  # read every byte
-        elif method == "load_file + load_state_dict":
-            sd = load_file(file)
-            model.load_state_dict(sd, strict=True)
-            del sd
-        else:
-            report = load_vace_weights(model, file, mmap=not method.endswith("mmap=False"))
+    if method == "load_file, every byte read":
+        loaded = load_file(file)
+        for t in loaded.values():
+            t.view(-1).view(torch.uint8).max()  # its tensors are lazily mapped: make it read them
+    elif method == "load_file + load_state_dict":
+        model.load_state_dict(load_file(file), strict=True)
+    else:
+        load_vace_weights(model, file, mmap=method.endswith("mmap=True"))
     seconds = time.perf_counter() - start
-    after = _status()
-    mib = 2**20
-    result = {
-        "method": method,
-        "model_dtype": dtype_name,
-        "seconds": round(seconds, 3),
-        "peak_extra_rss_mib": round((peak.peak - before["VmRSS"]) / mib, 1),
-        "final_extra_rss_mib": round((after["VmRSS"] - before["VmRSS"]) / mib, 1),
-        "final_extra_anon_mib": round((after["RssAnon"] - before["RssAnon"]) / mib, 1),
-        "final_extra_file_mib": round((after["RssFile"] - before["RssFile"]) / mib, 1),
-        "model_rss_before_mib": round(before["VmRSS"] / mib, 1),
+    w = model.vace_blocks[blocks - 1].ffn[0].weight
+    # Same value for every method that loads, so a pair cannot time a load that did nothing.
+    checksum = None if method.startswith("load_file,") else float(w.float().sum())
+    return {"seconds": seconds, "checksum": checksum}
+
+
+def _warm(path: Path) -> None:
+    with path.open("rb") as fh:
+        while fh.read(1 << 24):
+            pass
+
+
+def _run(method: str, path: Path, dim: int, ffn: int, blocks: int, dtype: str, populated: bool) -> dict:
+    _warm(path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", method, str(path), str(dim), str(ffn), str(blocks), dtype,
+         str(int(populated))],
+        env=env, capture_output=True, text=True, check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{method} on {path.name} failed:\n{out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(name: str, spec: tuple[str, str, str, str, bool], paths: dict[str, Path], dim: int, ffn: int,
+            blocks: int, pairs: int) -> dict:
+    file_dtype, model_dtype, candidate, baseline, target = spec
+    populated = name.endswith("populated model")
+    times: dict[str, list[float]] = {candidate: [], baseline: []}
+    checksums = set()
+    for i in range(pairs):
+        order = (candidate, baseline) if i % 2 == 0 else (baseline, candidate)
+        for method in order:
+            r = _run(method, paths[file_dtype], dim, ffn, blocks, model_dtype, populated)
+            times[method].append(r["seconds"])
+            if r["checksum"] is not None:
+                checksums.add(r["checksum"])
+    if len(checksums) > 1:
+        raise RuntimeError(f"{name}: the two methods loaded different weights ({checksums})")
+    ratios = [c / b for c, b in zip(times[candidate], times[baseline])]
+    ratio = statistics.median(ratios)
+    return {
+        "comparison": name,
+        "file_dtype": file_dtype,
+        "model_dtype": model_dtype,
+        "candidate": candidate,
+        "baseline": baseline,
+        "candidate_s": round(statistics.median(times[candidate]), 3),
+        "baseline_s": round(statistics.median(times[baseline]), 3),
+        "ratio": round(ratio, 3),
+        "ratios": [round(r, 3) for r in ratios],
+        "target": TARGET if target else None,
+        "meets_target": (ratio <= TARGET) if target else None,
     }
-    if method.startswith("load_vace_weights"):
-        result.update(shared=report.shared, converted=report.converted, copied=report.copied)
-    if method != "load_file":
-        w = model.vace_blocks[blocks - 1].ffn[0].weight
-        result["checksum"] = float(w.float().sum())  # same value for every method that loads
-    return result
-
-
-def _summarise(runs: list[dict]) -> dict:
-    """Median seconds (and the spread) over repeated runs; memory figures from the median run."""
-    if "error" in runs[0]:
-        return runs[0]
-    ordered = sorted(runs, key=lambda r: r["seconds"])
-    result = dict(ordered[len(ordered) // 2])
-    result["seconds_all"] = [r["seconds"] for r in runs]
-    result["peak_extra_rss_mib_max"] = max(r["peak_extra_rss_mib"] for r in runs)
-    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=1.0, help="shrink dim and ffn_dim by this factor")
     parser.add_argument("--blocks", type=int, default=15)
-    parser.add_argument("--dir", type=Path, default=None, help="where to write the file (default: a temp dir)")
-    parser.add_argument("--keep", action="store_true", help="keep the written file")
-    parser.add_argument("--dtypes", default="bfloat16,float32", help="model dtypes to measure")
-    parser.add_argument("--repeat", type=int, default=3, help="fresh processes per method (median reported)")
-    parser.add_argument("--child", nargs=6, metavar=("METHOD", "FILE", "DIM", "FFN", "BLOCKS", "DTYPE"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--pairs", type=int, default=7, help="interleaved candidate/baseline pairs per comparison")
+    parser.add_argument("--populated", action="store_true", help="also time loads into a model loaded before")
+    parser.add_argument("--dir", type=Path, default=None, help="where to write the files (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
+    parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        method, file, dim, ffn, blocks, dtype = args.child
-        print(json.dumps(child(method, file, int(dim), int(ffn), int(blocks), dtype)))
+        method, file, dim, ffn, blocks, dtype, populated = args.child
+        print(json.dumps(child(method, file, int(dim), int(ffn), int(blocks), dtype, populated == "1")))
         return
 
     dim, ffn = dims(args.scale)
     workdir = Path(tempfile.mkdtemp(prefix="vace_bench_", dir=args.dir))
-    path = workdir / "vace_module_bf16.safetensors"
-    t0 = time.perf_counter()
-    params = write_file(path, dim, ffn, args.blocks)
-    write_s = time.perf_counter() - t0
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    results = []
     try:
-        for dtype in args.dtypes.split(","):
-            for method in METHODS:
-                runs = []
-                for _ in range(args.repeat):
-                    with path.open("rb") as fh:  # warm the page cache so every method reads from memory
-                        while fh.read(1 << 24):
-                            pass
-                    out = subprocess.run(
-                        [sys.executable, __file__, "--child", method, str(path), str(dim), str(ffn),
-                         str(args.blocks), dtype],
-                        env=env, capture_output=True, text=True, check=False,
-                    )
-                    if out.returncode != 0:
-                        runs = [{"method": method, "model_dtype": dtype, "error": out.stderr.strip()[-2000:]}]
-                        break
-                    runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                results.append(_summarise(runs))
+        paths, params = write_files(workdir, dim, ffn, args.blocks)
+        comparisons = {**COMPARISONS, **(POPULATED if args.populated else {})}
+        results = []
+        for name, spec in comparisons.items():
+            results.append(compare(name, spec, paths, dim, ffn, args.blocks, args.pairs))
+            r = results[-1]
+            verdict = "" if r["target"] is None else ("  meets <= 1.1" if r["meets_target"] else "  MISSES <= 1.1")
+            print(f"{name:36s} {r['candidate_s']:7.3f} s vs {r['baseline_s']:7.3f} s  ratio {r['ratio']:.3f}{verdict}",
+                  file=sys.stderr)
     finally:
-        if not args.keep:
-            path.unlink(missing_ok=True)
-            workdir.rmdir()
-    print(json.dumps({
-        "file": str(path) if args.keep else None,
+        for path in workdir.glob("*.safetensors"):
+            path.unlink()
+        workdir.rmdir()
+    report = {
         "dims": {"dim": dim, "ffn_dim": ffn, "vace_blocks": args.blocks, "vace_in_dim": 96},
         "params": params,
-        "file_bytes": params * 2,
-        "write_seconds": round(write_s, 1),
+        "file_bytes": {"bfloat16": params * 2, "float32": params * 4},
+        "pairs": args.pairs,
+        "target_ratio": TARGET,
+        "all_targets_met": all(r["meets_target"] for r in results if r["target"] is not None),
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
+        "load": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "results": results,
-    }, indent=2))
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -246,18 +246,19 @@ def test_mixed_dtypes_are_converted_per_tensor(tmp_path, ref):
     ptrs = {k: v.data_ptr() for k, v in fp32.state_dict().items()}
     report = load_vace_weights(fp32, path)
     assert report.file_dtypes == want_file and report.target_dtypes == {"float32": len(ref)}
-    assert (report.shared, report.converted) == (want_file["float32"], len(ref) - want_file["float32"])
+    assert (report.shared, report.copied, report.converted) == (
+        0, want_file["float32"], len(ref) - want_file["float32"])
     assert_loaded(fp32, ref)
-    # Same-dtype tensors were assigned (mapped), converted ones built in fresh storage and
-    # swapped in: no VACE parameter keeps its old storage, so nothing is ever half-written.
+    # Every tensor was built in fresh storage and swapped in: no VACE parameter keeps its
+    # old storage, so nothing is ever half-written.
     for k, v in fp32.state_dict().items():
         if k.startswith("vace_"):
             assert v.data_ptr() != ptrs[k] and v.dtype == torch.float32, k
 
     bf16 = StandIn().to(torch.bfloat16)
-    report = load_vace_weights(bf16, path)
+    report = load_vace_weights(bf16, path, mmap=True)
     assert report.target_dtypes == {"bfloat16": len(ref)}
-    assert report.shared == want_file["bfloat16"]
+    assert (report.shared, report.copied) == (want_file["bfloat16"], 0)
     for k, v in bf16.state_dict().items():
         if k.startswith("vace_"):
             assert v.dtype == torch.bfloat16 and torch.equal(v, ref[k].to(torch.bfloat16)), k
@@ -280,10 +281,10 @@ def _mapped_files(ptr: int) -> set[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
-def test_matching_dtype_shares_the_file_mapping_and_copy_on_write(tmp_path, ref):
+def test_mmap_opt_in_shares_the_file_mapping_and_copy_on_write(tmp_path, ref):
     path = write(tmp_path / "vace.safetensors", ref)
     model = StandIn()
-    report = load_vace_weights(model, path)
+    report = load_vace_weights(model, path, mmap=True)
     assert (report.shared, report.converted, report.copied) == (len(ref), 0, 0)
     weight = model.vace_blocks[1].ffn[0].weight
     assert str(path) in _mapped_files(weight.data_ptr())
@@ -295,7 +296,7 @@ def test_matching_dtype_shares_the_file_mapping_and_copy_on_write(tmp_path, ref)
 
     copied = StandIn()
     ptr = copied.vace_blocks[1].ffn[0].weight.data_ptr()
-    report = load_vace_weights(copied, path, mmap=False)
+    report = load_vace_weights(copied, path)  # the default copies
     assert (report.shared, report.copied) == (0, len(ref))
     assert copied.vace_blocks[1].ffn[0].weight.data_ptr() != ptr  # fresh storage, swapped in at the end
     assert str(path) not in _mapped_files(copied.vace_blocks[1].ffn[0].weight.data_ptr())
@@ -533,7 +534,7 @@ def test_failure_while_assigning_rolls_back(tmp_path, ref, monkeypatch):
 def test_failure_during_conversion_restores_assigned_parameters(tmp_path, ref, monkeypatch):
     import surgery.weights.loader as loader
 
-    def broken(slot, value):
+    def broken(*args):
         raise RuntimeError("simulated device fault")
 
     monkeypatch.setattr(loader, "_converted", broken)

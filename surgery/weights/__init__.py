@@ -2,6 +2,7 @@
 from surgery.weights.files import PICKLE_SUFFIXES, TensorEntry, read_header, resolve_checkpoint
 from surgery.weights.keys import KeyMap, KeyRule, apply_key_map, compile_key_map, strip_prefix
 from surgery.weights.loader import DEFAULT_STRIP_PREFIXES, DEFAULT_VACE_PREFIXES, load_vace_weights
+from surgery.weights.paths import require_regular_file
 from surgery.weights.report import LoadReport
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "compile_key_map",
     "load_vace_weights",
     "read_header",
+    "require_regular_file",
     "resolve_checkpoint",
     "strip_prefix",
 ]

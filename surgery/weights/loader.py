@@ -1,21 +1,21 @@
 """Load VACE-branch weights from safetensors into a module with native VACE keys.
 
-Validate first, then touch: every check (keys, shapes, counts, finiteness, ranges, the
-all-zero patch embedding) runs on the memory-mapped file tensors before the module is
-modified, so a bad file leaves the module exactly as it was.
+Validate first, then touch: every check (keys, shapes, counts, floating-point dtypes,
+finiteness and overflow of the converted values, the all-zero patch embedding) runs
+before the module is modified, so a bad file leaves the module exactly as it was.
 
 How each tensor lands in the module:
-* same dtype, CPU parameter, ``mmap=True``: the parameter is *replaced* by the mapped
-  file tensor (assign-style, like ``load_state_dict(assign=True)``): no copy at all;
-* parameter on ``meta``: replaced by a converted CPU tensor (there is nothing to copy into);
-* otherwise (dtype or device differ, or ``mmap=False``): converted into fresh storage on
-  the parameter's device with the copy kernel, then swapped in together with everything
-  else, so even an interrupt half-way leaves the module as it was (at the cost of a
-  transient second copy of the VACE branch, never of the base model).
+* by default it is read (copied, never mapped) into fresh storage in the parameter's
+  dtype, converted chunk by chunk and checked while each chunk is in the CPU cache, then
+  moved to the parameter's device; the copy does not change if the file does;
+* ``mmap=True`` (opt-in), same dtype, CPU or ``meta`` parameter: the parameter is
+  *replaced* by the file's memory-mapped tensor (assign-style, no copy at all);
+* the new tensors are swapped in together only when every one is ready, so even an
+  interrupt half-way leaves the module as it was (at the cost of a transient second
+  copy of the VACE branch, never of the base model).
 """
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -26,9 +26,18 @@ import torch
 from torch import nn
 
 from surgery.errors import OrderError, WeightsError
-from surgery.weights.files import TensorEntry, open_tensors, read_tensor, resolve_checkpoint
+from surgery.weights.files import (
+    FLOAT_CODES,
+    TensorEntry,
+    TensorFile,
+    fresh_cpu,
+    open_tensors,
+    read_tensor,
+    resolve_checkpoint,
+)
 from surgery.weights.keys import KeyMap, block_indices, describe_blocks, select_keys
 from surgery.weights.report import LoadReport
+from surgery.weights.values import all_finite, all_zero
 
 DEFAULT_STRIP_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 DEFAULT_VACE_PREFIXES = ("vace_blocks.", "vace_patch_embedding.")
@@ -46,11 +55,12 @@ class _Slot:
     tensor: torch.Tensor
     is_param: bool
     owners: list[tuple[nn.Module, str]] = field(default_factory=list)
+    target_device: torch.device = field(init=False)
 
-    @property
-    def target_device(self) -> torch.device:
+    def __post_init__(self) -> None:
         # A meta-device module has no storage to keep; its weights land on the CPU.
-        return torch.device("cpu") if self.tensor.device.type == "meta" else self.tensor.device
+        device = self.tensor.device
+        self.target_device = torch.device("cpu") if device.type == "meta" else device
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -67,17 +77,18 @@ def _module_slots(module: nn.Module, prefixes: Sequence[str]) -> dict[str, _Slot
     """VACE parameters/buffers of ``module`` by state_dict key; aliases share one slot."""
     by_id: dict[int, _Slot] = {}
     slots: dict[str, _Slot] = {}
+    # One walk of the module tree instead of a get_submodule walk per key.
+    modules = dict(module.named_modules(remove_duplicate=False))
     for key, tensor in module.state_dict(keep_vars=True).items():
         if not key.startswith(tuple(prefixes)):
             continue
         owner_name, _, attr = key.rpartition(".")
-        try:
-            owner = module.get_submodule(owner_name) if owner_name else module
-        except AttributeError as exc:
+        owner = modules.get(owner_name)
+        if owner is None:
             raise WeightsError(
                 f"state_dict key {key!r} does not name a submodule attribute, so it cannot be assigned",
                 "remove custom state_dict hooks from the VACE modules",
-            ) from exc
+            )
         is_param = attr in owner._parameters
         if not (is_param or attr in owner._buffers) or getattr(owner, attr) is not tensor:
             raise WeightsError(
@@ -110,39 +121,37 @@ def _fit_error(missing: list[str], unexpected: list[str], shapes: list[str], fil
     return err
 
 
-def _extremes(t: torch.Tensor) -> tuple[float, float] | None:
-    """(min, max) of a floating tensor; NaN or Inf show up in them. None for non-float or empty.
-
-    One ``aminmax`` reduction reads the data once without allocating, about ten times
-    faster on CPU than ``isfinite(t).all()``, and it also gives the range check for free.
-    """
-    if not t.is_floating_point() or t.numel() == 0:
-        return None
-    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        t = t.float()  # float8 kernels lack reductions
-    lo, hi = torch.aminmax(t)
-    return float(lo), float(hi)
-
-
-def _check_values(key: str, entry: TensorEntry, t: torch.Tensor, target: torch.dtype) -> None:
-    """Refuse NaN/Inf, and conversions that would overflow to inf (e.g. float32 -> float16)."""
-    extremes = _extremes(t)
-    if extremes is None:
-        return
-    lo, hi = extremes
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise WeightsError(
-            f"{entry.file}: tensor {entry.name!r} (model key {key!r}) contains NaN or Inf values",
-            "the checkpoint is corrupt; re-download or re-export it",
+def _nonfinite_error(key: str, entry: TensorEntry, converted: torch.Tensor, stored: torch.Tensor) -> WeightsError:
+    """NaN/Inf found in converted values: stored in the file, or made by the conversion (overflow)."""
+    if converted.dtype != stored.dtype and all_finite(stored):
+        peak = float(stored.double().abs().max())
+        narrow = torch.finfo(converted.dtype).max < torch.finfo(torch.float32).max
+        return WeightsError(
+            f"{entry.file}: tensor {entry.name!r} has |values| up to {peak:.4g}, beyond the "
+            f"{_dtype_name(converted.dtype)} range of the model parameter {key!r}",
+            "load into a float32 or bfloat16 model" if narrow
+            else "values this large are not trained weights; re-export the checkpoint",
         )
-    if target.is_floating_point:
-        peak, limit = max(-lo, hi), torch.finfo(target).max
-        if peak > limit:
-            raise WeightsError(
-                f"{entry.file}: tensor {entry.name!r} has |values| up to {peak:.4g}, beyond the "
-                f"{_dtype_name(target)} range of the model parameter {key!r}",
-                "load into a float32 or bfloat16 model",
-            )
+    return WeightsError(
+        f"{entry.file}: tensor {entry.name!r} (model key {key!r}) contains NaN or Inf values",
+        "the checkpoint is corrupt; re-download or re-export it",
+    )
+
+
+def _check_chunk(key: str, entry: TensorEntry, converted: torch.Tensor, stored: torch.Tensor) -> None:
+    """Refuse NaN/Inf in the values the model would get, including overflow by the conversion."""
+    if not all_finite(converted):
+        raise _nonfinite_error(key, entry, converted, stored)
+
+
+def _check_patch_embedding(key: str, entry: TensorEntry, value: torch.Tensor) -> None:
+    """An all-zero patch embedding (stored so, or underflowed by the conversion) ignores the context."""
+    if key == PATCH_EMBEDDING_KEY and all_zero(value):
+        raise WeightsError(
+            f"{entry.file}: {entry.name!r} is all zeros in the model's {_dtype_name(value.dtype)}, so the VACE "
+            "context would be ignored",
+            "this is an untrained or zero-initialised checkpoint; load the released VACE weights",
+        )
 
 
 def _assign(slot: _Slot, value: torch.Tensor) -> None:
@@ -151,10 +160,17 @@ def _assign(slot: _Slot, value: torch.Tensor) -> None:
         (owner._parameters if slot.is_param else owner._buffers)[attr] = new
 
 
-def _converted(slot: _Slot, value: torch.Tensor) -> torch.Tensor:
-    fresh = torch.empty_like(slot.tensor, device=slot.target_device)
-    fresh.copy_(value)
-    return fresh
+def _converted(slot: _Slot, file: TensorFile, key: str, entry: TensorEntry) -> torch.Tensor:
+    """A checked private copy of the stored tensor in the slot's dtype, on the slot's device.
+
+    Read and converted in chunks into fresh CPU storage, each chunk checked while it is
+    still in the cache; moved to the slot's device afterwards (fresh device storage).
+    """
+    out = fresh_cpu(entry.shape, slot.tensor.dtype)
+    for converted, stored in file.fill(entry, out):
+        _check_chunk(key, entry, converted, stored)
+    _check_patch_embedding(key, entry, out)
+    return out if slot.target_device.type == "cpu" else out.to(slot.target_device)
 
 
 def load_vace_weights(
@@ -166,7 +182,7 @@ def load_vace_weights(
     vace_prefixes: Sequence[str] = DEFAULT_VACE_PREFIXES,
     expect_vace_in_dim: int | None = None,
     expect_blocks: int | None = None,
-    mmap: bool = True,
+    mmap: bool = False,
 ) -> LoadReport:
     """Load the VACE branch (``vace_blocks.*``, ``vace_patch_embedding.*``) from safetensors.
 
@@ -182,21 +198,27 @@ def load_vace_weights(
         vace_prefixes: which (mapped) keys belong to the VACE branch.
         expect_vace_in_dim, expect_blocks: optional expectations checked against the
             values inferred from the file.
-        mmap: when a stored tensor already has the parameter's dtype and the parameter
-            is on the CPU, the parameter becomes the file's memory-mapped tensor (no copy;
-            copy-on-write, so writing the parameter never writes the file, but the file
-            must not be truncated or rewritten in place while the model uses it).
-            ``False`` copies into the existing parameter instead.
+        mmap: ``False`` (the default) copies every tensor out of the file, so the loaded
+            weights never change afterwards, whatever happens to the file. ``True`` is an
+            opt-in that saves the copy (and its memory) where a stored tensor already has
+            the dtype of a CPU parameter: the parameter becomes the file's memory-mapped
+            tensor. It is copy-on-write (writing the parameter never writes the file), but
+            until a page is written it *is* the file: a file rewritten in place changes
+            the model's weights, and a truncated file makes the next access to them kill
+            the process with ``SIGBUS``. Use it only for files nothing will modify.
 
     Every tensor is converted to the dtype and device of the parameter it loads into
     (per tensor, so mixed-dtype checkpoints are fine); weights stay on the model's
-    device. All checks run before the module is touched, so on any error the module is
-    unchanged. (Only an interrupt or a device fault during the final copies could leave
-    it partly loaded; replaced parameters are then restored.)
+    device. All checks run on the converted values, before the module is touched, so on
+    any error the module is unchanged (an interrupt during the final swap restores the
+    replaced parameters). Only regular files are opened: FIFOs, devices and sockets are
+    refused unopened, and a sharded index may name only files in its own directory.
 
     Raises:
-        WeightsError: unreadable or unsafe file, key/shape/count mismatch, NaN/Inf,
-            overflow on conversion, or an all-zero ``vace_patch_embedding.weight``.
+        WeightsError: unreadable, unsafe or non-regular file, shard outside the index's
+            directory, key/shape/count mismatch, a tensor that is not floating point,
+            NaN/Inf, overflow on conversion, an all-zero ``vace_patch_embedding.weight``,
+            or a file modified while it is being read.
         OrderError: the VACE modules already carry PEFT/LoRA layers.
     """
     start = time.perf_counter()
@@ -219,9 +241,9 @@ def load_vace_weights(
     plan = _plan(slots, chosen, files)
 
     counts = _Counts()
-    with open_tensors({e.file for _, _, e in plan}) as handles:
-        values = [_read_checked(handles, key, entry, slot) for slot, key, entry in plan]
-        _commit(plan, values, mmap, counts)
+    with open_tensors({e.file for _, _, e in plan}, mmap=mmap) as handles:
+        values = [_read_checked(handles, slot, key, entry) for slot, key, entry in plan]
+    _commit(plan, values, mmap, counts)
 
     return LoadReport(
         files=tuple(files),
@@ -334,18 +356,41 @@ def _plan(
     unexpected = sorted(k for k in chosen if k not in slots)
     if missing or unexpected or shapes:
         raise _fit_error(missing, unexpected, shapes, files)
+    _check_dtypes(plan, files)
     return plan
 
 
-def _read_checked(handles: Mapping[Path, object], key: str, entry: TensorEntry, slot: _Slot) -> torch.Tensor:
-    """Read one mapped tensor and run the value checks on it (no copy)."""
-    t = read_tensor(handles, entry)
-    _check_values(key, entry, t, slot.tensor.dtype)
-    if key == PATCH_EMBEDDING_KEY and not bool(t.any()):
+def _check_dtypes(plan: list[tuple[_Slot, str, TensorEntry]], files: Sequence[str]) -> None:
+    """Only floating-point tensors load, into floating-point parameters (never a silent cast)."""
+    stored = [f"{e.name} ({e.dtype_name})" for _, _, e in plan if e.dtype not in FLOAT_CODES]
+    if stored:
         raise WeightsError(
-            f"{entry.file}: {entry.name!r} is all zeros, so the VACE context would be ignored",
-            "this is an untrained or zero-initialised checkpoint; load the released VACE weights",
+            f"{', '.join(files)}: {len(stored)} tensors are not floating point ({_listing(stored)}), and integer "
+            "or bool values are never converted to weights",
+            "use a checkpoint that stores the VACE weights as float32, bfloat16 or float16",
         )
+    held = [f"{k} ({_dtype_name(s.tensor.dtype)})" for s, k, _ in plan if not s.tensor.is_floating_point()]
+    if held:
+        raise WeightsError(
+            f"the model holds {len(held)} VACE tensors that are not floating point ({_listing(held)}), so "
+            "weights cannot load into them without a silent cast",
+            "keep the VACE parameters and buffers in a floating-point dtype",
+        )
+
+
+def _maps(slot: _Slot, entry: TensorEntry, mmap: bool) -> bool:
+    """Whether the slot takes the file's mapped tensor itself (``mmap=True``, same dtype, CPU)."""
+    return mmap and slot.target_device.type == "cpu" and entry.torch_dtype == slot.tensor.dtype
+
+
+def _read_checked(handles: Mapping[Path, TensorFile], slot: _Slot, key: str, entry: TensorEntry) -> torch.Tensor:
+    """The checked value the slot will get: the mapped file tensor (opt-in) or a checked copy."""
+    file = handles[entry.file]
+    if not _maps(slot, entry, file.mmap):
+        return _converted(slot, file, key, entry)
+    t = read_tensor(handles, entry)
+    _check_chunk(key, entry, t, t)
+    _check_patch_embedding(key, entry, t)
     return t
 
 
@@ -362,42 +407,25 @@ class _Counts:
 def _commit(
     plan: list[tuple[_Slot, str, TensorEntry]], values: list[torch.Tensor], mmap: bool, counts: _Counts
 ) -> None:
-    """Put the checked tensors into the module.
+    """Swap the checked tensors into the module, all or nothing.
 
-    Assign-style where dtype and device allow (the parameter becomes the mapped file
-    tensor: no copy), and for meta parameters (nothing to copy into). Everything else is
-    converted into fresh storage with the copy kernel (``empty_like(...).copy_``, as fast
-    as copying in place) and swapped in only when every tensor is ready, so an interrupt
-    or a device fault leaves the module exactly as it was. The price is a transient second
-    copy of the grafted branch's parameters (not of the base model's).
+    Every value is new storage (or the file's mapping); the old tensor objects are only
+    replaced here, and put back if anything (an interrupt) stops the swap half-way.
     """
-    assigns: list[tuple[_Slot, torch.Tensor]] = []
-    copies: list[tuple[_Slot, torch.Tensor]] = []
-    for (slot, _, _), t in zip(plan, values):
-        dtype, device = slot.tensor.dtype, slot.target_device
-        same = t.dtype == dtype and device.type == "cpu"
-        if slot.tensor.device.type == "meta":
-            assigns.append((slot, t.clone() if same and not mmap else t.to(device=device, dtype=dtype)))
-        elif same and mmap:
-            assigns.append((slot, t))
-        else:
-            copies.append((slot, t))
-        if same and mmap:
+    for slot, _, entry in plan:
+        stored = entry.torch_dtype
+        if _maps(slot, entry, mmap):
             counts.shared += 1
-        elif same:
+        elif stored == slot.tensor.dtype and slot.target_device.type == "cpu":
             counts.copied += 1
         else:
             counts.converted += 1
-        counts.file_dtypes[_dtype_name(t.dtype)] += 1
-        counts.target_dtypes[_dtype_name(dtype)] += 1
-        counts.devices[str(device)] += 1
-
-    with torch.no_grad():
-        for slot, t in copies:
-            assigns.append((slot, _converted(slot, t)))
+        counts.file_dtypes[_dtype_name(stored)] += 1
+        counts.target_dtypes[_dtype_name(slot.tensor.dtype)] += 1
+        counts.devices[str(slot.target_device)] += 1
     done: list[tuple[_Slot, list[torch.Tensor]]] = []
     try:
-        for slot, value in assigns:
+        for (slot, _, _), value in zip(plan, values):
             done.append((slot, [(o._parameters if slot.is_param else o._buffers)[a] for o, a in slot.owners]))
             _assign(slot, value)
     except BaseException:

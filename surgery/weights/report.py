@@ -10,8 +10,8 @@ class LoadReport:
 
     ``file_dtypes`` counts tensors by their dtype in the checkpoint, ``target_dtypes`` by
     the dtype they have in the model; ``shared`` counts tensors that now live directly in
-    the checkpoint's memory map (no copy), ``converted`` those that needed a dtype or
-    device conversion, ``copied`` those copied because sharing was disabled.
+    the checkpoint's memory map (``mmap=True`` only: no copy), ``converted`` those that
+    needed a dtype or device conversion, ``copied`` those copied as stored (the default).
     """
 
     files: tuple[str, ...]
