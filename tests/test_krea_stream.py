@@ -165,3 +165,35 @@ def test_rewritten_equals_reference_with_context(pipeline, rewritten, reference,
 
 def test_rewritten_without_context_equals_base(pipeline, rewritten, base_record):
     _assert_exact(run_stream(rewritten, pipeline, **STREAM), base_record)
+
+
+# ---- (4) torch's own flex attention, on the bias path of every cached denoising call ----------
+
+def test_cached_calls_run_torchs_flex_attention_with_the_bias(pipeline, rewritten, reference, contexts,
+                                                             monkeypatch):
+    """Krea's pipeline passes kv_cache_attention_bias=0.3, so every cached denoising call of every
+    block runs torch's real flex attention with a ``score_mod`` (spec 4), in the rewritten model
+    (traced on a fake twin: flex attention refuses meta) and in the reference alike."""
+    import examples.krea_realtime_video as krea
+    from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
+
+    import examples.wan.attention as wan_attention
+
+    assert wan_attention.flex_attention is torch_flex_attention
+    assert pipeline.config.kv_cache_attention_bias == 0.3
+    compiled = krea.flex_attention
+    biased: list[bool] = []
+
+    def counting(*args, **kwargs):
+        biased.append(kwargs.get("score_mod") is not None)
+        return compiled(*args, **kwargs)
+
+    monkeypatch.setattr(krea, "flex_attention", counting)
+    blocks = len(rewritten.blocks)
+    for model in (rewritten, reference):
+        biased.clear()
+        record = run_stream(model, pipeline, vace_context=contexts, **STREAM)
+        denoise = sum(1 for c in record.calls if c.kind == "denoise")
+        assert sum(biased) == denoise * blocks
+        # The rest are the recompute passes and the cache-free VACE blocks, all on flex attention.
+        assert len(biased) > sum(biased)
