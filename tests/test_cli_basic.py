@@ -83,8 +83,12 @@ class FakeEngine:
             result.dry_run = True  # type: ignore[attr-defined]
         return result
 
-    def load_weights(self, module, path, rule):
-        self.calls.append(("load_weights", module is self.module, path))
+    def load_weights(self, module, path, rule, key_map):
+        self.calls.append(("load_weights", module is self.module, path, key_map))
+        return LoadReport()
+
+    def load_lora(self, module, path, rule, scale, key_map):
+        self.calls.append(("load_lora", module is self.module, path, scale, key_map))
         return LoadReport()
 
     def validation_cases(self, loaded, result):
@@ -92,7 +96,8 @@ class FakeEngine:
         return self.cases
 
     def backend(self) -> Backend:
-        return Backend(apply=self.apply, load_weights=self.load_weights, validation_cases=self.validation_cases)
+        return Backend(apply=self.apply, load_weights=self.load_weights, validation_cases=self.validation_cases,
+                       load_lora=self.load_lora)
 
 
 @pytest.fixture
@@ -211,10 +216,19 @@ def test_rules_lists_vace_and_its_options(capsys):
     assert "vace" in out and "vace_in_dim=96" in out and "vace_layers=None" in out
 
 
-def test_bench_without_the_benchmark_module_is_a_usage_error(monkeypatch, capsys):
-    monkeypatch.setattr(commands.importlib.util, "find_spec", lambda name: None)
-    assert main(["bench"]) == 2
-    assert "`surgery bench` is not available yet" in _one_line(capsys.readouterr().err)
+@pytest.mark.parametrize("argv, command", [
+    (["bench"], "python benchmarks/bench.py`"),
+    (["bench", "--help"], "python benchmarks/bench.py --help`"),
+    (["bench", "longlive", "--size", "1.3B", "--report", "out dir"], "python benchmarks/bench.py longlive --size 1.3B "
+                                                                     "--report 'out dir'`"),
+])
+def test_bench_moved_out_of_the_package(argv, command, capsys):
+    # The harness imports the examples, which an installed package does not have.
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    line = _one_line(captured.err)
+    assert line.startswith("surgery: error: `surgery bench` has moved") and f"fix: run `{command}" in line
+    assert captured.out == ""
 
 
 # --- apply / validate with a fake engine -----------------------------------------------
@@ -278,7 +292,7 @@ def test_weights_and_save(engine, tmp_path, capsys):
     weights = tmp_path / "w.safetensors"
     save_file({"vace_blocks.0.w": torch.zeros(2)}, str(weights))  # headers are checked before any work
     assert main(["apply", FACTORY, "--weights", str(weights), "--save", str(saved)]) == 0
-    assert ("load_weights", True, str(weights)) in engine.calls
+    assert ("load_weights", True, str(weights), None) in engine.calls
     assert "tensors loaded" in capsys.readouterr().out
     tensors = load_file(saved)
     assert tensors and all(k.startswith(("vace_embed.", "vace_blocks.0.", "vace_blocks.1.")) for k in tensors)

@@ -209,7 +209,7 @@ def test_weights_that_are_not_a_file_or_directory(kind, engine, tmp_path, fifo, 
 def test_weights_directory_is_accepted(engine, tmp_path, capsys):
     save_file({"vace_blocks.0.w": torch.zeros(2)}, str(tmp_path / "vace.safetensors"))
     assert main(["apply", FACTORY, "--weights", str(tmp_path)]) == 0
-    assert ("load_weights", True, str(tmp_path)) in engine.calls
+    assert ("load_weights", True, str(tmp_path), None) in engine.calls
 
 
 @pytest.mark.parametrize("kind", ["device", "fifo", "directory", "socket"])

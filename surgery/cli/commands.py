@@ -9,7 +9,6 @@ a fake engine; :func:`engine_backend` is the real one.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 import time
 import traceback
@@ -22,6 +21,7 @@ from rich.table import Table
 
 from surgery.cli import render
 from surgery.cli.loading import (
+    BuildOptions,
     LoadedModel,
     ModelSource,
     build_rule,
@@ -30,9 +30,11 @@ from surgery.cli.loading import (
     parse_set,
     resolve_model,
     rule_parameters,
+    rule_registry,
 )
 from surgery.cli.memory import memory_guard
-from surgery.cli.preflight import check_output_file, check_report, check_weights
+from surgery.cli.preflight import check_device, check_output_file, check_report, check_weights, torch_dtype
+from surgery.cli.weights import check_key_map_name
 from surgery.errors import InputError, SurgeryError
 from surgery.reports.diff import compare_to_golden, read_golden, write_golden
 from surgery.reports.files import atomic_write_bytes
@@ -54,11 +56,17 @@ class ApplyOptions:
     set: list[str] = field(default_factory=list)
     size: str | None = None
     weights: str | None = None
+    key_map: str | None = None  # a name in the rule's key_maps, for --weights
+    lora: str | None = None
+    lora_scale: float | None = None  # None: 1.0
+    lora_key_map: str | None = None
     validate: bool | None = None  # None: on for built-in models at tiny size, unless dry_run
     dry_run: bool = False
     report: str | None = None
     save: str | None = None
     seed: int = 0
+    dtype: str | None = None  # a name of DTYPE_NAMES; None: float32 (a factory gets no dtype)
+    device: str | None = None  # None: cpu (a factory gets no device)
     debug: bool = False
 
 
@@ -74,6 +82,8 @@ class DiffOptions:
     update: bool = False
     report: str | None = None
     seed: int = 0
+    dtype: str | None = None
+    device: str | None = None
     debug: bool = False
 
 
@@ -82,14 +92,21 @@ class Backend:
     """The engine calls the CLI makes.
 
     ``apply(model, rule, example_inputs=..., dry_run=...)`` -> ``ApplyResult``;
-    ``load_weights(module, path, rule)`` -> an object with ``as_rows()`` (or ``None``);
+    ``load_weights(module, path, rule, key_map_name)`` -> an object with ``as_rows()`` (or ``None``);
     ``validation_cases(loaded, result)`` -> cases, each with ``name`` and ``run()``
-    returning an object or mapping with ``max_abs_diff``, ``passed``, ``tolerance``.
+    returning an object or mapping with ``max_abs_diff``, ``passed``, ``tolerance``;
+    ``load_lora(module, path, rule, scale, key_map_name)`` -> an object with ``as_rows()``.
+    ``rule`` is the rule as applied (bound to the model's family).
     """
 
     apply: Callable[..., Any]
-    load_weights: Callable[[Any, str, Any], Any]
+    load_weights: Callable[[Any, str, Any, "str | None"], Any]
     validation_cases: Callable[[LoadedModel, Any], Sequence[Any]]
+    load_lora: Callable[[Any, str, Any, float, "str | None"], Any] = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.load_lora is None:
+            self.load_lora = _engine_load_lora
 
 
 def _engine_apply(model: Any, rule: Any, *, example_inputs: Any, dry_run: bool) -> Any:
@@ -98,11 +115,16 @@ def _engine_apply(model: Any, rule: Any, *, example_inputs: Any, dry_run: bool) 
     return surgery.apply(model, rule, example_inputs=example_inputs, dry_run=dry_run)
 
 
-def _engine_load_weights(module: Any, path: str, rule: Any) -> Any:
-    from surgery.weights import load_vace_weights
+def _engine_load_weights(module: Any, path: str, rule: Any, key_map_name: str | None) -> Any:
+    from surgery.cli.weights import load_weights
 
-    options = dict(getattr(rule, "options", None) or {})
-    return load_vace_weights(module, path, expect_vace_in_dim=options.get("vace_in_dim"))
+    return load_weights(module, path, rule, key_map_name)
+
+
+def _engine_load_lora(module: Any, path: str, rule: Any, scale: float, key_map_name: str | None) -> Any:
+    from surgery.cli.weights import load_lora
+
+    return load_lora(module, path, rule, scale, key_map_name)
 
 
 def _engine_validation_cases(loaded: LoadedModel, result: Any) -> Sequence[Any]:
@@ -117,7 +139,8 @@ def _engine_validation_cases(loaded: LoadedModel, result: Any) -> Sequence[Any]:
 
 def engine_backend() -> Backend:
     """The real engine."""
-    return Backend(apply=_engine_apply, load_weights=_engine_load_weights, validation_cases=_engine_validation_cases)
+    return Backend(apply=_engine_apply, load_weights=_engine_load_weights, validation_cases=_engine_validation_cases,
+                   load_lora=_engine_load_lora)
 
 
 def _print_result(out: Console, result: Any) -> None:
@@ -219,38 +242,76 @@ def _rewrite(backend: Backend, loaded: LoadedModel, rule: Any, source: ModelSour
         return backend.apply(loaded.model, rule, example_inputs=loaded.example_inputs, dry_run=dry_run)
 
 
-def run_apply(opts: ApplyOptions, backend: Backend | None = None) -> int:
-    """``surgery apply``: rewrite MODEL by rule, optionally load weights, validate, save and report.
+def build_options(seed: int, dtype: str | None, device: str | None) -> BuildOptions:
+    """``--seed``/``--dtype``/``--device`` checked (the device exists here) and converted for loading."""
+    return BuildOptions(seed=seed, dtype=torch_dtype(dtype) if dtype is not None else None,
+                        device=check_device(device) if device is not None else None)
 
-    Every option and path is checked before the model is built.
+
+def _needs(flag: str, needed: str) -> InputError:
+    return InputError(f"{flag} needs {needed}", f"add {needed} or drop {flag}")
+
+
+def _check_combinations(opts: ApplyOptions) -> None:
+    """Options that only make sense together (or never together)."""
+    if opts.dry_run:
+        for flag, given in (("--validate", opts.validate), ("--save", opts.save), ("--weights", opts.weights),
+                            ("--lora", opts.lora)):
+            if given:
+                raise InputError(f"{flag} needs the rewritten model, which --dry-run does not build",
+                                 f"drop --dry-run or {flag}")
+    if opts.key_map is not None and not opts.weights:
+        raise _needs("--key-map", "--weights")
+    for flag, given in (("--lora-scale", opts.lora_scale), ("--lora-key-map", opts.lora_key_map)):
+        if given is not None and not opts.lora:
+            raise _needs(flag, "--lora")
+
+
+def _print_load(out: Console, title: str, load_report: Any) -> None:
+    if load_report is not None and hasattr(load_report, "as_rows"):
+        out.print(render.rows_table(title, load_report.as_rows()))
+
+
+def run_apply(opts: ApplyOptions, backend: Backend | None = None) -> int:
+    """``surgery apply``: rewrite MODEL by rule, optionally load weights, validate, save, load a LoRA and report.
+
+    Every option and path is checked before the model is built. The order is the API's,
+    Base -> VACE -> LoRA: surgery, ``--weights``, validation and ``--save`` (of the grafted
+    VACE weights), then ``--lora`` into the rewritten model.
     """
-    if opts.dry_run and (opts.validate or opts.save or opts.weights):
-        flag = "--validate" if opts.validate else "--save" if opts.save else "--weights"
-        raise InputError(f"{flag} needs the rewritten model, which --dry-run does not build", f"drop --dry-run or {flag}")
+    _check_combinations(opts)
     if opts.weights:
         check_weights(opts.weights)
+    if opts.lora:
+        check_weights(opts.lora, "LoRA")
     if opts.save:
         check_output_file(opts.save)
     if opts.report:
         check_report(opts.report)
+    build = build_options(opts.seed, opts.dtype, opts.device)
     source = resolve_model(opts.model, opts.size)
     rule = build_rule(opts.rule, opts.set, source)
+    check_key_map_name(rule, opts.key_map, "--key-map")
+    check_key_map_name(rule, opts.lora_key_map, "--lora-key-map")
     backend = backend or engine_backend()
     out = render.console()
     if opts.validate is None:
         # The main job (`surgery apply longlive`) validates; large sizes and factories opt in.
         opts.validate = not opts.dry_run and source.builtin and source.size == "tiny"
-    need_values = bool(opts.validate or opts.save or opts.weights)
-    loaded = load_model(opts.model, size=opts.size, seed=opts.seed, need_values=need_values)
+    need_values = bool(opts.validate or opts.save or opts.weights or opts.lora)
+    loaded = load_model(opts.model, size=opts.size, need_values=need_values, build=build)
+    # A rule that adapts to the model's family knows that family's key maps only now.
+    check_key_map_name(rule, opts.key_map, "--key-map", loaded.model)
+    check_key_map_name(rule, opts.lora_key_map, "--lora-key-map", loaded.model)
     _threads_for(loaded.model)
     result = _rewrite(backend, loaded, rule, source, opts.set, opts.dry_run)
+    applied = getattr(result, "rule", None) or rule
     _print_result(out, result)
 
     if opts.weights:
         with memory_guard(f"to load --weights {opts.weights}", "free memory"):
-            load_report = backend.load_weights(result.module, opts.weights, rule)
-        if load_report is not None and hasattr(load_report, "as_rows"):
-            out.print(render.rows_table(f"Weights: {opts.weights}", load_report.as_rows()))
+            load_report = backend.load_weights(result.module, opts.weights, applied, opts.key_map)
+        _print_load(out, f"Weights: {opts.weights}", load_report)
 
     validation = None
     timings: dict[str, float] = {}
@@ -266,6 +327,12 @@ def run_apply(opts: ApplyOptions, backend: Backend | None = None) -> int:
     if opts.save:
         saved = save_grafted(result.module, result.grafted, opts.save, rule.name)
         out.print(f"saved grafted weights to {saved}")
+
+    if opts.lora:
+        scale = 1.0 if opts.lora_scale is None else opts.lora_scale
+        with memory_guard(f"to load --lora {opts.lora}", "free memory"):
+            lora_report = backend.load_lora(result.module, opts.lora, applied, scale, opts.lora_key_map)
+        _print_load(out, f"LoRA: {opts.lora}", lora_report)
 
     report = build_report(result, validation, timings, source=opts.model)
     if opts.report:
@@ -299,6 +366,7 @@ def run_diff(opts: DiffOptions, backend: Backend | None = None) -> int:
 
     The golden is read (or, with ``--update``, its place checked) before the model is built.
     """
+    build = build_options(opts.seed, opts.dtype, opts.device)
     source = resolve_model(opts.model, opts.size)
     rule = build_rule(opts.rule, opts.set, source)
     golden_path = Path(opts.golden) if opts.golden else default_golden(source, opts.rule)
@@ -311,7 +379,7 @@ def run_diff(opts: DiffOptions, backend: Backend | None = None) -> int:
         check_report(opts.report)
     backend = backend or engine_backend()
     out = render.console()
-    loaded = load_model(opts.model, size=opts.size, seed=opts.seed, need_values=False)
+    loaded = load_model(opts.model, size=opts.size, need_values=False, build=build)
     result = _rewrite(backend, loaded, rule, source, opts.set, False)
 
     golden = None
@@ -402,12 +470,20 @@ def _describe_options(factory: Callable[..., Any]) -> str:
     return ", ".join(parts) or "(none)"
 
 
-def run_rules() -> int:
-    """``surgery rules``: registered rules and their options (exit 2 if one cannot be imported)."""
-    from rules import RULES
+def _describe_key_maps(factory: Callable[..., Any]) -> str:
+    """Names of the key maps of the rule built with its defaults (a rule bound to a model may add others)."""
+    try:
+        built = factory()
+    except Exception:  # a rule without defaults for every option: its maps depend on the options
+        return "-"
+    return ", ".join(getattr(built, "key_maps", None) or {}) or "-"
 
+
+def run_rules() -> int:
+    """``surgery rules``: registered rules, their options and key maps (exit 2 if one cannot be imported)."""
+    RULES = rule_registry()
     table = Table(title=f"Rules ({len(RULES)})", title_justify="left")
-    for col in ("name", "description", "options (--set KEY=VALUE)"):
+    for col in ("name", "description", "options (--set KEY=VALUE)", "key maps (--key-map NAME)"):
         table.add_column(col)
     broken: list[str] = []
     for name in RULES:
@@ -415,33 +491,25 @@ def run_rules() -> int:
             factory = RULES[name]
         except Exception as exc:  # a rule module that fails to import is reported, not fatal for the listing
             broken.append(f"{name}: {type(exc).__name__}: {exc}")
-            table.add_row(name, f"[red]unavailable[/]: {type(exc).__name__}: {exc}", "-")
+            table.add_row(name, f"[red]unavailable[/]: {type(exc).__name__}: {exc}", "-", "-")
             continue
         doc = (inspect.getdoc(factory) or "").strip().splitlines()
-        table.add_row(name, doc[0] if doc else "", _describe_options(factory))
+        table.add_row(name, doc[0] if doc else "", _describe_options(factory), _describe_key_maps(factory))
     render.console().print(table)
     if broken:
         raise InputError(f"rule {broken[0]}", "fix the rule module so that it imports")
     return 0
 
 
-def run_bench(argv: Sequence[str]) -> int:
-    """``surgery bench``: delegates to ``surgery.bench.main(argv)`` when the benchmark module exists."""
-    if importlib.util.find_spec("surgery.bench") is None:
-        raise InputError("`surgery bench` is not available yet (surgery/bench.py is missing)", "use a build that includes the benchmarks")
-    bench = importlib.import_module("surgery.bench")
-    return int(bench.main(list(argv)) or 0)
-
-
 __all__ = [
     "ApplyOptions",
     "Backend",
     "DiffOptions",
+    "build_options",
     "GOLDENS_DIR",
     "default_golden",
     "engine_backend",
     "run_apply",
-    "run_bench",
     "run_diff",
     "run_models",
     "run_rules",

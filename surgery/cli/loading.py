@@ -4,6 +4,11 @@ MODEL is either a built-in example name (a key of ``examples.PIPELINES``) or
 ``package.module:factory``, where ``factory()`` returns a model or ``(model, (args, kwargs))``.
 Surgery traces one call of the model, so a factory that returns only a model must return
 an instance of a built-in model class (its call is known) or say how to call it.
+
+``--dtype``/``--device`` build a built-in model in that dtype on that device (its example
+inputs follow the model); a factory receives them as its ``dtype=``/``device=`` keyword
+arguments and must return a model that has them. The built-in models and the rules are the
+CLI's catalogue, so this module (and only this one) reads ``examples`` and ``rules``.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+import torch
 import torch.nn as nn
 
 from surgery.cli.memory import memory_guard
@@ -52,6 +58,26 @@ class LoadedModel:
         return self.pipeline is not None
 
 
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to build the model: ``--seed``, ``--dtype``, ``--device`` (``None``: the default, not passed to a factory)."""
+
+    seed: int = 0
+    dtype: torch.dtype | None = None
+    device: torch.device | None = None
+
+    def factory_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments a factory gets: only the options that were given."""
+        return {name: value for name, value in (("dtype", self.dtype), ("device", self.device)) if value is not None}
+
+
+def rule_registry() -> Mapping[str, Callable[..., Any]]:
+    """``rules.RULES``: rule name -> factory (factories are imported on first lookup)."""
+    from rules import RULES
+
+    return RULES
+
+
 def builtin_pipelines() -> Mapping[str, Any]:
     """``examples.PIPELINES`` ({} when the examples package does not provide it)."""
     try:
@@ -68,15 +94,16 @@ def _example_call(model: nn.Module, pipeline: Any, seed: int) -> tuple[tuple, di
     return tuple(args), dict(kwargs)
 
 
-def _load_builtin(source: ModelSource, seed: int, need_values: bool) -> LoadedModel:
+def _load_builtin(source: ModelSource, build: BuildOptions, need_values: bool) -> LoadedModel:
     size = source.size or "tiny"
     # Real sizes are built on the meta device unless weights are actually needed: tracing
     # and matching never read values, and a random 14B model needs ~56 GB.
     init = "random" if size == "tiny" or need_values else "meta"
     with memory_guard(f"to build {source.name} at --size {size} and its example inputs",
                       "use a smaller --size (tiny is the default), or free memory"):
-        model = source.pipeline.build(size=size, seed=seed, init=init)
-        inputs = _example_call(model, source.pipeline, seed)
+        model = source.pipeline.build(size=size, seed=build.seed, init=init, device=build.device or "cpu",
+                                      dtype=build.dtype or torch.float32)
+        inputs = _example_call(model, source.pipeline, build.seed)
     return LoadedModel(name=source.name, model=model, example_inputs=inputs, pipeline=source.pipeline, size=size)
 
 
@@ -139,7 +166,41 @@ def _check_reference(spec: str) -> None:
         raise InputError(f"bad model reference {spec!r}", "write it as package.module:factory")
 
 
-def _load_factory(spec: str, seed: int) -> LoadedModel:
+def _factory_arguments(target: Callable[..., Any], spec: str, build: BuildOptions) -> dict[str, Any]:
+    """``dtype=``/``device=`` for the factory, refused before the call if it does not take them."""
+    kwargs = build.factory_kwargs()
+    if not kwargs:
+        return kwargs
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # a callable without a signature (some builtins): assume it takes none
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for name in kwargs:
+        param = params.get(name)
+        if not takes_any and (param is None or param.kind is inspect.Parameter.POSITIONAL_ONLY):
+            raise InputError(f"factory {spec} takes no {name} argument, so --{name} cannot be applied to its model",
+                             f"add a {name}= parameter to the factory (it gets the torch.{name}), or drop --{name}")
+    return kwargs
+
+
+def _check_built(model: nn.Module, spec: str, build: BuildOptions) -> None:
+    """The factory's model has the dtype and device it was given (a factory may ignore its arguments)."""
+    for name, tensor in model.named_parameters():
+        if build.dtype is not None and tensor.is_floating_point() and tensor.dtype != build.dtype:
+            raise InputError(f"factory {spec} was given dtype={build.dtype} but returned parameter {name} "
+                             f"in {tensor.dtype}", "build the model in the dtype the factory receives")
+        if build.device is not None and not _same_device(tensor.device, build.device):
+            raise InputError(f"factory {spec} was given device={build.device} but returned parameter {name} "
+                             f"on {tensor.device}", "build the model on the device the factory receives")
+
+
+def _same_device(have: torch.device, want: torch.device) -> bool:
+    # "cuda" means the current device, which tensors report with its index.
+    return have.type == want.type and (want.index is None or have.index == want.index)
+
+
+def _load_factory(spec: str, build: BuildOptions) -> LoadedModel:
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -154,10 +215,16 @@ def _load_factory(spec: str, seed: int) -> LoadedModel:
             raise InputError(f"{module_name!r} has no attribute {attr!r} (model {spec})", "name an existing factory function")
         target = getattr(target, part)
     if isinstance(target, nn.Module):
+        if build.factory_kwargs():
+            given = ", ".join(f"--{name}" for name in build.factory_kwargs())
+            raise InputError(f"{spec} is a model, not a factory, so {given} cannot be applied to it",
+                             f"point MODEL at a function that builds the model (with dtype=/device= parameters), "
+                             f"or drop {given}")
         value: Any = target
     elif callable(target):
+        kwargs = _factory_arguments(target, spec, build)
         try:
-            value = target()
+            value = target(**kwargs)
         except SurgeryError:
             raise
         except Exception as exc:  # the user's factory failed: bad input, not a surgery bug (exit 2, not 3)
@@ -168,8 +235,9 @@ def _load_factory(spec: str, seed: int) -> LoadedModel:
     else:
         raise InputError(f"{spec} is a {type(target).__name__}, not a model factory", "point MODEL at a function that returns a model")
     model, inputs = _split_example(value, spec)
+    _check_built(model, spec, build)
     if inputs is None:
-        inputs = _derived_inputs(model, spec, seed)
+        inputs = _derived_inputs(model, spec, build.seed)
     return LoadedModel(name=spec, model=model, example_inputs=inputs)
 
 
@@ -192,19 +260,23 @@ def resolve_model(spec: str, size: str | None = None) -> ModelSource:
     raise InputError(f"unknown model {spec!r}", f"use a built-in model ({known}) or package.module:factory")
 
 
-def load_model(spec: str, size: str | None = None, seed: int = 0, need_values: bool = True) -> LoadedModel:
+def load_model(spec: str, size: str | None = None, seed: int = 0, need_values: bool = True,
+               build: BuildOptions | None = None) -> LoadedModel:
     """Build the model named by the CLI's MODEL argument, with example inputs for one call.
 
     ``need_values=False`` lets built-in models at real sizes (1.3B, 14B) live on the meta
-    device (enough for tracing, matching and graph diffs). Raises :class:`InputError` for
-    an unknown name, an unimportable module, a factory that does not return a model, a
+    device (enough for tracing, matching and graph diffs). ``build`` (seed, dtype, device)
+    replaces ``seed`` when given. Raises :class:`InputError` for an unknown name, an
+    unimportable module, a factory that does not return a model (or not in the dtype and on
+    the device it was given, or that takes no dtype/device argument when one was given), a
     factory model without example inputs whose call the CLI does not know, or too little
     memory for the sizes asked for.
     """
+    build = build or BuildOptions(seed=seed)
     source = resolve_model(spec, size)
     if source.builtin:
-        return _load_builtin(source, seed, need_values)
-    return _load_factory(spec, seed)
+        return _load_builtin(source, build, need_values)
+    return _load_factory(spec, build)
 
 
 def parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -225,8 +297,7 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 def rule_factory(name: str) -> Callable[..., Any]:
     """The factory registered as ``rules.RULES[name]``."""
-    from rules import RULES
-
+    RULES = rule_registry()
     if name not in RULES:
         raise InputError(f"unknown rule {name!r}", f"use one of {', '.join(RULES)} (see `surgery rules`)")
     return RULES[name]
@@ -274,6 +345,7 @@ def build_rule(name: str, settings: Sequence[str], loaded: LoadedModel | ModelSo
 
 __all__ = [
     "SIZES",
+    "BuildOptions",
     "LoadedModel",
     "ModelSource",
     "build_rule",
@@ -284,4 +356,5 @@ __all__ = [
     "parse_set",
     "rule_factory",
     "rule_parameters",
+    "rule_registry",
 ]

@@ -1,0 +1,123 @@
+"""``--weights``/``--key-map`` and ``--lora``/``--lora-scale``/``--lora-key-map``: files into the rewritten model.
+
+A key map is named on the command line (``--key-map diffusers``) and looked up in the
+rule's ``key_maps``; a rule that adapts to the model's family (``Rule.bind``) may offer
+other maps for other families, so a name the unbound rule does not know is checked again
+once the model is built, before surgery. Loader errors that suggest a key map as a Python
+argument are rephrased for the command line, naming the flag and, when one of the rule's
+maps makes the file fit, that map.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import nn
+
+from surgery.errors import InputError, WeightsError
+from surgery.weights.files import resolve_checkpoint
+
+KeyMaps = Mapping[str, Any]
+
+
+def _known(key_maps: KeyMaps, rule_name: str) -> str:
+    return (f"use one of {', '.join(key_maps)} (the key maps of rule {rule_name})" if key_maps
+            else f"rule {rule_name} has no key maps: drop the option")
+
+
+def check_key_map_name(rule: Any, name: str | None, flag: str, model: nn.Module | None = None) -> None:
+    """Refuse ``name`` if the rule (bound to ``model`` when given) has no key map of that name.
+
+    Without ``model``, a rule that binds to the model's family is given the benefit of the
+    doubt for names it does not know yet (call again with the model before surgery).
+    """
+    if name is None:
+        return
+    maps = dict(getattr(rule, "key_maps", {}) or {})
+    if name in maps:
+        return
+    bind = getattr(rule, "bind", None)
+    if bind is not None and model is None:
+        return
+    if bind is not None:
+        maps = dict(bind(rule, model).key_maps or {})
+        if name in maps:
+            return
+    raise InputError(f"{flag} {name!r} is not a key map of rule {rule.name}"
+                     + (" for this model" if bind is not None else ""), _known(maps, rule.name))
+
+
+def key_map(rule: Any, name: str | None) -> Any:
+    """The key map data ``rule.key_maps[name]`` (``None`` without a name); ``rule`` is the bound rule."""
+    if name is None:
+        return None
+    maps = dict(rule.key_maps or {})
+    if name not in maps:
+        raise InputError(f"{name!r} is not a key map of rule {rule.name} for this model", _known(maps, rule.name))
+    return maps[name]
+
+
+def _vace_fits(module: nn.Module, names: list[str], table: Any) -> bool:
+    from surgery.weights import DEFAULT_STRIP_PREFIXES, DEFAULT_VACE_PREFIXES
+    from surgery.weights.keys import select_keys
+
+    wanted = {k for k in module.state_dict() if k.startswith(DEFAULT_VACE_PREFIXES)}
+    selection = select_keys(names, strip_prefixes=DEFAULT_STRIP_PREFIXES, key_map=table,
+                            keep_prefixes=DEFAULT_VACE_PREFIXES)
+    return bool(wanted) and set(selection.selected) == wanted
+
+
+def _lora_fits(module: nn.Module, names: list[str], table: Any) -> bool:
+    from surgery.lora import parse_lora_keys
+
+    parsed = parse_lora_keys(names, key_map=table, vace_layers=getattr(module, "vace_layers", None))
+    modules = dict(module.named_modules())
+    return bool(parsed.targets) and not parsed.unrecognized and all(t in modules for t in parsed.targets)
+
+
+def _for_the_command_line(error: WeightsError, rule: Any, module: nn.Module, path: str, flag: str,
+                          fits: Any) -> WeightsError:
+    """``error`` with a fix that names ``flag`` instead of the loader's ``key_map=`` argument."""
+    if "key_map" not in error.fix:
+        return error
+    try:
+        names = sorted(resolve_checkpoint(path))
+        fitting = [n for n, table in (rule.key_maps or {}).items() if fits(module, names, table)]
+    except WeightsError:  # a map that makes keys collide is no candidate
+        fitting = []
+    if fitting:
+        fix = f"the file uses {fitting[0]} names: pass {flag} {fitting[0]}"
+    else:
+        maps = ", ".join(rule.key_maps or {}) or "none"
+        fix = f"use the file made for this model, or pass {flag} NAME for its layout (rule {rule.name} has: {maps})"
+    rephrased = WeightsError(error.problem, fix)
+    rephrased.details = getattr(error, "details", None)  # type: ignore[attr-defined]
+    return rephrased
+
+
+def load_weights(module: nn.Module, path: str, rule: Any, map_name: str | None) -> Any:
+    """``load_vace_weights`` with the named key map and the rule's ``vace_in_dim`` as the expected input width."""
+    from surgery.weights import load_vace_weights
+
+    options = dict(getattr(rule, "options", None) or {})
+    try:
+        return load_vace_weights(module, path, key_map=key_map(rule, map_name),
+                                 expect_vace_in_dim=options.get("vace_in_dim"))
+    except WeightsError as error:
+        if map_name is not None:
+            raise
+        raise _for_the_command_line(error, rule, module, path, "--key-map", _vace_fits) from error
+
+
+def load_lora(module: nn.Module, path: str, rule: Any, scale: float, map_name: str | None) -> Any:
+    """``load_lora_file`` (adapter ``default``) with the named key map."""
+    from surgery.lora import load_lora_file
+
+    try:
+        return load_lora_file(module, path, scale=scale, key_map=key_map(rule, map_name))
+    except WeightsError as error:
+        if map_name is not None:
+            raise
+        raise _for_the_command_line(error, rule, module, path, "--lora-key-map", _lora_fits) from error
+
+
+__all__ = ["check_key_map_name", "key_map", "load_lora", "load_weights"]
