@@ -176,8 +176,6 @@ def test_tracing_never_touches_the_callers_model_or_caches(name):
     assert _same_model(_model_state(model), state)
 
 
-@pytest.mark.xfail(strict=True, reason="rules/vace.py: check_call at apply time needs a block count before matching "
-                   "('the model declares no block count'); the default vace_layers should come from the match count")
 @pytest.mark.parametrize("name", ["dataclass_fork", "odd_names"])  # neither declares a block count
 def test_model_without_num_layers_gets_a_hint_every_second_matched_block(name):
     family = corpus(name)
@@ -510,3 +508,21 @@ def test_a_model_without_the_structure_says_the_rule_does_not_apply():
             layer.ffn = nn.Sequential(nn.Linear(layer.dim, layer.dim))
     message = _fails(_store_model(change), MatchError)
     assert "failed 'feed-forward'" in message and "does not apply to this model as it is" in message
+
+
+def test_grad_mode_read_by_the_model_is_a_guard():
+    """``torch.is_grad_enabled() and self.gradient_checkpointing`` picks a branch: the grad mode
+    the trace saw is guarded, so a call in the other mode re-specialises instead of reusing it."""
+    family = corpus("diffusers_fork")
+    base, result = _apply(family, vace_layers=[0, 2])
+    model = result.module
+    assert any("is_grad_enabled" in g.expr for g in result.guards)
+    state = model.surgery_state
+    for grad in (torch.is_grad_enabled(), not torch.is_grad_enabled()):
+        cache, base_cache = family.new_cache(model), family.new_cache(base)
+        with torch.set_grad_enabled(grad):
+            args, kwargs = family.call(model, cache, 0, torch.Generator().manual_seed(5))
+            ours = family.output_of(model(*args, **kwargs))
+            args, kwargs = family.call(base, base_cache, 0, torch.Generator().manual_seed(5))
+            assert torch.equal(ours, family.output_of(base(*args, **kwargs)))
+    assert state.last_dispatch[0] == "specialised" and "is_grad_enabled" in state.reasons[-1]

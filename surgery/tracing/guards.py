@@ -20,8 +20,10 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
-# A dependency names one property: ("input", path, kind) or ("param", qualname, "meta").
+# A dependency names one property: ("input", path, kind), ("param", qualname, "meta") or
+# GRAD_MODE (the model's code branched on ``torch.is_grad_enabled()``).
 Dep = tuple
+GRAD_MODE: Dep = ("grad", (), "value")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ def resolve_path(inputs: dict[str, Any], path: tuple) -> Any:
 def evaluate(dep: Dep, inputs: dict[str, Any], model: nn.Module) -> Any:
     """The current value of a dependency on these inputs and this model."""
     source, where, kind = dep
+    if source == "grad":
+        return torch.is_grad_enabled()
     if source == "param":
         value = model.get_parameter(where) if _has_param(model, where) else model.get_buffer(where)
     else:
@@ -88,6 +92,17 @@ def evaluate(dep: Dep, inputs: dict[str, Any], model: nn.Module) -> Any:
     if kind == "value":
         return value if isinstance(value, (bool, int, float, str, type(None))) else ("object", type(value))
     raise ValueError(f"unknown guard kind {kind!r}")
+
+
+def describe(dep: Dep) -> str:
+    """A dependency as the user wrote it: ``torch.is_grad_enabled()``, ``kv_cache[0]['k']``."""
+    source, where, kind = dep
+    if source == "grad":
+        return "torch.is_grad_enabled()"
+    if source == "param":
+        return f"{where} ({kind})"
+    steps = "".join(f".{key.name}" if isinstance(key, Field) else f"[{key!r}]" for key in where[1:])
+    return f"{where[0]}{steps} ({kind})"
 
 
 def _has_param(model: nn.Module, name: str) -> bool:
@@ -167,7 +182,7 @@ class GuardSet:
             except (KeyError, IndexError, TypeError, AttributeError) as error:
                 return f"{dep}: {type(error).__name__}"
             if actual != expected:
-                return f"{dep}: {actual!r} != {expected!r}"
+                return f"{describe(dep)}: {actual!r} != {expected!r}"
         failure = self._state_failure(model)
         return failure if failure is not None else self._shapes_failure(inputs)
 

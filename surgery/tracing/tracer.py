@@ -22,6 +22,7 @@ import functools
 import math
 import operator
 import os
+import sys
 import time
 import traceback
 from contextlib import contextmanager
@@ -41,11 +42,12 @@ from torch.fx._symbolic_trace import (
 )
 
 from ..errors import TraceError
-from .guards import Field, Guard, structure
+from .guards import GRAD_MODE, Field, Guard, structure
 from .policy import CacheValues, TracePolicy, is_cache_value
 from .twin import FACTORY_NAMES, compiled_code_runs_eagerly, fake_mode_of, is_fake, run_factory
 
 _MISSING = object()
+_is_grad_enabled = torch.is_grad_enabled
 _META_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout", "is_floating_point"})
 _META_METHODS = frozenset({"size", "dim", "numel", "nelement", "get_device", "is_floating_point",
                            "is_complex", "element_size"})
@@ -622,12 +624,25 @@ class ExampleTracer(fx.Tracer):
                 # proxy at all (torch.arange(n)); record them so the graph recreates them per
                 # call instead of baking a trace-time tensor in.
                 patcher.patch(torch.__dict__, name, self._recording(getattr(torch, name)))
+            patcher.patch(torch.__dict__, "is_grad_enabled", lambda: self._grad_mode_read())
             _patch_wrapped_functions(patcher)
             _autowrap_check(patcher, getattr(fn, "__globals__", {}), self._autowrap_function_ids)
             for module in self._autowrap_search:
                 _autowrap_check(patcher, module.__dict__, self._autowrap_function_ids)
             self._patcher = patcher
             yield
+
+    def _grad_mode_read(self) -> bool:
+        """``torch.is_grad_enabled()`` read by model code (a gradient-checkpointing branch):
+        the graph takes that branch, so the grad mode becomes a guard of the specialisation."""
+        value = _is_grad_enabled()
+        caller = os.path.abspath(sys._getframe(2).f_code.co_filename)  # past the patched lambda
+        if not self._concrete_depth and not caller.startswith(_ENGINE_DIRS):
+            filename, lineno, line = user_frame()
+            self.deps.add(GRAD_MODE)
+            self.notes.append(Guard("state", line or "torch.is_grad_enabled()", repr(value),
+                                    f"{_short(filename)}:{lineno}"))
+        return value
 
     def _recording(self, factory: Any) -> Any:
         def record(*args: Any, **kwargs: Any) -> Any:
