@@ -1,6 +1,6 @@
-"""The built-in stand-ins as ``surgery bench`` subjects (the benchmark's provider).
+"""The built-in stand-ins as benchmark subjects (the default ``--provider`` of ``benchmarks/bench.py``).
 
-``surgery.bench`` measures; this module knows the models: how a pipeline builds its base
+The harness measures; this module knows the models: how a pipeline builds its base
 model, the generator's call convention (``examples.driver``), the hand-written reference
 (``examples.reference.CausalVaceWanModel``) and what a streaming chunk is.
 
@@ -19,12 +19,12 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
+from benchmarks.subject import BenchSubject
 from examples import PIPELINES
 from examples.driver import example_call, run_stream
 from examples.reference import VACE_PREFIXES, CausalVaceWanModel, native_state_dict, random_vace_state_dict
 from examples.wan.pipeline import PipelineSpec, frame_seq_length
 from rules import vace
-from surgery.bench import BenchSubject
 from surgery.errors import InputError
 
 __all__ = ["CPU_TOKENS_PER_FRAME", "WanForward", "bench_subject", "fill_random", "geometry_for_tokens"]

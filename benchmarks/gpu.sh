@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/gpu.sh [MODEL] [OUT_DIR]        # defaults: longlive, ${OUT:-bench-gpu}
 #
-# Extra arguments after OUT_DIR go to `surgery bench` (e.g. --repeats 3).
+# Extra arguments after OUT_DIR go to benchmarks/bench.py (e.g. --repeats 3). Exits with the harness's
+# code: 0 every target of this setting passed, 1 one failed (bench.json is printed either way), 2 bad input.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL="${1:-longlive}"
@@ -14,6 +15,8 @@ shift $(( $# > 2 ? 2 : $# ))
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}."
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader || true
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
-python -m surgery.bench "$MODEL" --size 1.3B --device cuda --dtype bfloat16 \
-    --tokens 2160 --steps 4 --repeats 5 --profile 25 --report "$DIR" "$@"
-cat "$DIR/bench.json"
+status=0
+python benchmarks/bench.py "$MODEL" --size 1.3B --device cuda --dtype bfloat16 \
+    --tokens 2160 --steps 4 --repeats 5 --profile 25 --report "$DIR" "$@" || status=$?
+if [ "$status" -le 1 ]; then cat "$DIR/bench.json"; fi
+exit "$status"

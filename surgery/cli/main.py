@@ -27,7 +27,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 SEED_MAX = 2 ** 64 - 1  # torch.manual_seed's range for non-negative seeds
 #: ``--dtype`` names (torch dtypes of the same name).
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-#: Where the benchmark harness lives now (it imports the examples, so it is not part of the package).
+#: Where the benchmark harness lives now (benchmarks/ is beside the package, not installed with it).
 BENCH_COMMAND = "python benchmarks/bench.py"
 
 
