@@ -63,7 +63,7 @@ REFERENCE_KEY_MAP: tuple[tuple[str, str], ...] = (
 # Keyword names the wrapper sets itself for every main block; caller values never override them.
 _RESERVED_BLOCK_KWARGS = frozenset(
     {"x", "e", "seq_lens", "grid_sizes", "freqs", "context", "context_lens", "block_mask",
-     "kv_cache", "crossattn_cache", "current_start", "hints", "context_scale"}
+     "kv_cache", "crossattn_cache", "current_start", "hints"}
 )
 # Explicit parameters of ``CausalVaceWanModel._forward_inference``.
 _WRAPPER_PARAMS = frozenset(
@@ -154,19 +154,23 @@ def create_base_attention_block_class(orig: type[nn.Module]) -> type[nn.Module]:
             super().__init__(*args, **kwargs)
             self.block_id = block_id
 
-        def forward(self, x: torch.Tensor, *args: Any, hints: Sequence[torch.Tensor] | None = None,
-                    context_scale: float | Sequence[float] = 1.0, **kwargs: Any) -> Any:
+        def forward(self, x: torch.Tensor, *args: Any,
+                    hints: Sequence[tuple[Sequence[torch.Tensor], float | Sequence[float]]] | None = None,
+                    **kwargs: Any) -> Any:
+            """The block, then ``x + hint * scale`` for each ``(hints, scale)`` pair of ``hints``
+            (one pair per VACE context, added in order as ComfyUI does)."""
             result = super().forward(x, *args, **kwargs)
-            if hints is None or self.block_id is None:
+            if not hints or self.block_id is None:
                 return result
             # Tuple-returning blocks carry deferred cache-update info: only x changes.
             out, info = result if isinstance(result, tuple) else (result, None)
-            hint = hints[self.block_id]
-            if hint.shape[1] > out.shape[1]:
-                hint = hint[:, : out.shape[1]]
-            scale = (context_scale[self.block_id]
-                     if isinstance(context_scale, (list, tuple)) else context_scale)
-            out = out + hint * scale
+            for context_hints, context_scale in hints:
+                hint = context_hints[self.block_id]
+                if hint.shape[1] > out.shape[1]:
+                    hint = hint[:, : out.shape[1]]
+                scale = (context_scale[self.block_id]
+                         if isinstance(context_scale, (list, tuple)) else context_scale)
+                out = out + hint * scale
             return (out, info) if isinstance(result, tuple) else out
 
     BaseWanAttentionBlock.__qualname__ = "BaseWanAttentionBlock"
@@ -423,6 +427,29 @@ class CausalVaceWanModel(nn.Module):
             out[name] = value
         return out
 
+    def _contexts(self, vace_context: Any, vace_context_scale: Any) -> list[tuple[Any, Any]]:
+        """``(context, scale)`` pairs: one for a single context, one per context for a list of them.
+
+        A list is several contexts when its first item is a ``[B, C, F, H, W]`` tensor or a
+        list of ``[C, F, H, W]`` tensors; then the scale is a number for every context or a
+        list with one entry (a number or per-layer values) per context.
+        """
+        if vace_context is None:
+            return []
+        first = vace_context[0] if isinstance(vace_context, (list, tuple)) and vace_context else None
+        if not (isinstance(first, (list, tuple)) or isinstance(first, torch.Tensor) and first.dim() == 5):
+            return [(vace_context, self._layer_scales(vace_context_scale))]
+        if isinstance(vace_context_scale, (list, tuple)):
+            if len(vace_context_scale) != len(vace_context):
+                raise CallError(
+                    f"vace_context_scale has {len(vace_context_scale)} entries for {len(vace_context)} contexts",
+                    "pass a float or one entry per context",
+                )
+            scales = list(vace_context_scale)
+        else:
+            scales = [vace_context_scale] * len(vace_context)
+        return [(context, self._layer_scales(scale)) for context, scale in zip(vace_context, scales)]
+
     def _layer_scales(self, scale: Any) -> float | tuple[float, ...]:
         """A float, or one float per VACE layer (diffusers semantics); None means 1.0."""
         if scale is None:
@@ -529,11 +556,10 @@ class CausalVaceWanModel(nn.Module):
             frame_seqlen = math.prod(grid_sizes[0][1:]).item()
             pre_pass(kv_bank, crossattn_cache, frame_seqlen)
 
-        hints = None
-        if vace_context is not None:
-            hints = self.forward_vace(x, vace_context, seq_len, e0, seq_lens, grid_sizes,
-                                      model.freqs, context, context_lens, block_mask)
-        scales = self._layer_scales(vace_context_scale)
+        # Each context runs through the whole VACE branch on its own (same weights).
+        hints = [(self.forward_vace(x, vace, seq_len, e0, seq_lens, grid_sizes, model.freqs, context,
+                                    context_lens, block_mask), scale)
+                 for vace, scale in self._contexts(vace_context, vace_context_scale)]
 
         shared = dict(e=e0, seq_lens=seq_lens, grid_sizes=grid_sizes, freqs=model.freqs,
                       context=context, context_lens=context_lens, block_mask=block_mask)
@@ -548,12 +574,10 @@ class CausalVaceWanModel(nn.Module):
             )
             if checkpointing:
                 # As in the base models and scope: no crossattn_cache on the checkpointed branch.
-                result = torch.utils.checkpoint.checkpoint(
-                    block, x, hints=hints, context_scale=scales, use_reentrant=False, **kwargs
-                )
+                result = torch.utils.checkpoint.checkpoint(block, x, hints=hints, use_reentrant=False, **kwargs)
             else:
                 kwargs["crossattn_cache"] = None if crossattn_cache is None else crossattn_cache[i]
-                result = block(x, hints=hints, context_scale=scales, **kwargs)
+                result = block(x, hints=hints, **kwargs)
             if kv_cache is not None and isinstance(result, tuple):
                 x, info = result
                 infos.append((i, info))

@@ -5,7 +5,8 @@
 ``examples.reference.CausalVaceWanModel`` (built on a zero-copy structural copy of the base
 model, with the same ``vace_in_dim`` and hinted layers as the rule), the key map is the
 reference's documented ``REFERENCE_KEY_MAP`` (``to_native_key``), and a scenario is a
-``run_stream`` over three chunks with a different random ``vace_context`` per chunk.
+``run_stream`` over three chunks with a different random ``vace_context`` per chunk (with
+several contexts, a list of them per chunk, the first the one-context scenario's).
 ``surgery.validation.discover_harness`` finds :func:`validation_harness` here because the
 pipelines' ``PipelineSpec`` lives in this package.
 """
@@ -71,8 +72,12 @@ def validation_harness(result: Any, *, model: nn.Module, pipeline: PipelineSpec,
             frames = pipeline.config.num_frame_per_block
             gen = torch.Generator().manual_seed(CONTEXT_SEED + scenario.seed)
             weight = model.patch_embedding.weight
-            per_chunk = [torch.randn(1, vace_in_dim, frames, height // 8, width // 8, generator=gen)
-                         .to(device=weight.device, dtype=weight.dtype) for _ in range(chunks)]
+            # Context-major, so the first context of every chunk is the one-context scenario's.
+            streams = [[torch.randn(1, vace_in_dim, frames, height // 8, width // 8, generator=gen)
+                        .to(device=weight.device, dtype=weight.dtype) for _ in range(chunks)]
+                       for _ in range(scenario.contexts)]
+            per_chunk = [[stream[chunk] for stream in streams] if scenario.contexts > 1 else streams[0][chunk]
+                         for chunk in range(chunks)]
             context = per_chunk.__getitem__
         return run_stream(model, pipeline, chunks=chunks, height=height, width=width, steps=steps,
                           seed=scenario.seed, vace_context=context, vace_context_scale=scenario.scale)

@@ -16,27 +16,21 @@ between families (input names, projection names, caches, where settings live) is
 from __future__ import annotations
 
 import dataclasses
-import re
-import sys
 from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 
-from surgery.errors import CallError, RuleError
+from surgery.errors import RuleError
 from surgery.grafting.build import allocate, rebuild_like, skipped_init, zero_linear
 from surgery.matching.pattern import ATTENTION_BLOCK
-from surgery.rule import CallCheck, GraftContext, Rule, Site, Where
+from surgery.rule import GraftContext, Rule, Site, Where
 from surgery.tracing.policy import TracePolicy
 
+from .vace_inputs import check_inputs, normalise_scale
 from .vace_profiles import FALLBACK, PROFILES, VaceProfile, detect, resolve
 
 NAME = "vace"
-# The names check_call speaks: the original layout's (other profiles' names are translated),
-# and the grafted module names every built-in profile shares.
-CONTEXT, SCALE = FALLBACK.context_input, FALLBACK.scale_input
-PATCH_EMBEDDING = FALLBACK.patch_embedding
-BLOCKS = FALLBACK.blocks
 
 OPTIONS = {
     "vace_in_dim": "channels of the control context (96: 32 latent + 64 mask channels)",
@@ -94,14 +88,7 @@ def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_la
     layers = _check_layers(vace_layers, num_layers)
     family = resolve(profile) if profile is not None else FALLBACK
 
-    def resolved(count: int | None) -> tuple[int, ...]:
-        if count is None:  # before matching, on a model that declares no count
-            if layers is None:
-                declared = " or ".join(family.block_count) or "none in its profile"
-                raise RuleError(f"the model declares no block count ({declared}), so the default vace_layers "
-                                f"cannot be chosen before tracing", "pass num_layers=... or vace_layers=[0, ...] "
-                                "to the VACE rule")
-            return layers
+    def resolved(count: int) -> tuple[int, ...]:
         chosen = layers if layers is not None else tuple(range(0, count, 2))
         _check_layers(chosen, count)
         return chosen
@@ -138,16 +125,20 @@ def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_la
             blocks.append(fresh)
         return {family.patch_embedding: conv, family.blocks: blocks}
 
+    def layer_count(model: nn.Module) -> int | None:
+        """VACE layers of ``model``: its grafted blocks, else from its block count or the
+        given layers; ``None`` while the default layers wait for the match count."""
+        grafted = getattr(model, family.blocks, None)
+        if grafted is not None:
+            return len(grafted)
+        count = expected(model)
+        if count is not None:
+            return len(resolved(count))
+        return len(layers) if layers is not None else None
+
     def check_call(inputs: dict[str, Any], call_inputs: dict[str, Any], latent: Any,
                    model: nn.Module) -> dict[str, Any]:
-        checked = _check_call(inputs, latent, vace_in_dim)
-        grafted = getattr(model, BLOCKS, None)
-        count = len(grafted) if grafted is not None else len(resolved(expected(model)))
-        # Checked even without a context, so a bad scale fails on the first call, not later.
-        scale = normalise_scale(inputs.get("vace_context_scale", 1.0), count, _branch_dtype(model, latent))
-        if checked["vace_context"] is not None:
-            checked["vace_context_scale"] = scale
-        return checked
+        return check_inputs(inputs, latent, model, family, vace_in_dim, layer_count(model))
 
     def example(latent: Any, model: nn.Module) -> dict[str, Any]:
         if not isinstance(latent, torch.Tensor) or latent.dim() != 5:
@@ -172,7 +163,7 @@ def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_la
         grafts=grafts,
         actions=_actions(family),
         inputs={family.context_input: None, family.scale_input: 1.0},
-        check_call=_in_names_of(family, check_call),
+        check_call=check_call,
         trace_policy=TracePolicy(cache_arguments=family.leaf_arguments),
         key_maps=dict(family.key_maps),
         weight_prefixes=(f"{family.blocks}.", f"{family.patch_embedding}."),
@@ -189,113 +180,10 @@ def _option(profile: str | VaceProfile | None) -> str | VaceProfile | None:
     return profile
 
 
-def _in_names_of(family: VaceProfile, check: CallCheck) -> CallCheck:
-    """``check`` speaks the original input names; let it take and return ``family``'s,
-    and name them in its errors."""
-    if (family.context_input, family.scale_input) == (CONTEXT, SCALE):
-        return check
-    inward = {family.context_input: CONTEXT, family.scale_input: SCALE}
-    outward = {CONTEXT: family.context_input, SCALE: family.scale_input}
-
-    def rename(text: str) -> str:
-        return re.sub(rf"\b({SCALE}|{CONTEXT})\b", lambda m: outward[m.group(1)], text)
-
-    def check_call(inputs: dict[str, Any], call_inputs: dict[str, Any], latent: Any,
-                   model: nn.Module) -> dict[str, Any]:
-        try:
-            checked = check({inward.get(k, k): v for k, v in inputs.items()}, call_inputs, latent, model)
-        except CallError as error:
-            raise type(error)(rename(error.problem), rename(error.fix)) from error
-        return {outward.get(k, k): v for k, v in checked.items()}
-
-    return check_call
-
-
 def _allocate_like(module: nn.Module, like: torch.Tensor, init: str) -> nn.Module:
     if like.device.type == "meta":
         return module
     return allocate(module, device=like.device, dtype=like.dtype, init=init)
-
-
-def _branch_dtype(model: nn.Module, latent: Any) -> torch.dtype | None:
-    """The dtype the hints are scaled in: the grafted branch's (the latent's before grafting)."""
-    embed = getattr(model, PATCH_EMBEDDING, None)
-    weight = getattr(embed, "weight", None)
-    if isinstance(weight, torch.Tensor):
-        return weight.dtype
-    return latent.dtype if isinstance(latent, torch.Tensor) and latent.is_floating_point() else None
-
-
-def _check_call(inputs: dict[str, Any], latent: Any, vace_in_dim: int) -> dict[str, Any]:
-    """Validate ``vace_context`` against the latent, normalise the scale to a tuple."""
-    context, scale = inputs.get("vace_context"), inputs.get("vace_context_scale", 1.0)
-    if context is None:
-        return {"vace_context": None, "vace_context_scale": None}
-    if isinstance(context, torch.Tensor) and context.dim() != 5:
-        want = f"[{latent.shape[0]}, {vace_in_dim}, F, {latent.shape[3]}, {latent.shape[4]}]" \
-            if isinstance(latent, torch.Tensor) and latent.dim() == 5 else f"[B, {vace_in_dim}, F, H, W]"
-        raise CallError(f"vace_context has shape {tuple(context.shape)}, expected a batched {want} tensor "
-                        f"for the latent of shape {tuple(latent.shape) if isinstance(latent, torch.Tensor) else '?'}",
-                        "add the batch dimension (vace_context.unsqueeze(0)) or pass a list of [C, F, H, W] tensors")
-    if not isinstance(context, (list, tuple, torch.Tensor)):
-        raise CallError(f"vace_context must be a tensor or a list of tensors, got {type(context).__name__}",
-                        "pass a [B, C, F, H, W] tensor")
-    items = list(context)
-    if not items:
-        raise CallError("vace_context is empty", "pass a [B, C, F, H, W] tensor or one [C, F, H, W] tensor per batch "
-                        "element, or vace_context=None to run without VACE")
-    for i, item in enumerate(items):
-        if not isinstance(item, torch.Tensor) or item.dim() != 4:
-            shape = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
-            raise CallError(f"vace_context[{i}] has shape {shape}, expected [channels, frames, height, width]",
-                            "pass a [B, C, F, H, W] tensor or a list of [C, F, H, W] tensors")
-        if not item.is_floating_point():
-            raise CallError(f"vace_context[{i}] has dtype {item.dtype}, expected a floating-point tensor",
-                            "pass the encoded control latents and masks as floats (they are cast to the model's dtype)")
-        if item.shape[1] == 0:
-            raise CallError(f"vace_context[{i}] of shape {tuple(item.shape)} has 0 frames",
-                            "give at least one control frame (a shorter context is zero-padded)")
-        if isinstance(latent, torch.Tensor) and latent.dim() == 5:
-            want = (vace_in_dim, latent.shape[3], latent.shape[4])
-            got = (item.shape[0], item.shape[2], item.shape[3])
-            if got != want:
-                raise CallError(
-                    f"vace_context[{i}] of shape {tuple(item.shape)} does not fit the latent of shape "
-                    f"{tuple(latent.shape)}: expected {vace_in_dim} channels and a {latent.shape[3]}x{latent.shape[4]} grid",
-                    "encode the control frames at the latent's resolution with vace_in_dim channels")
-    if isinstance(latent, torch.Tensor) and latent.dim() == 5 and len(items) != latent.shape[0]:
-        raise CallError(f"vace_context has {len(items)} entries for a batch of {latent.shape[0]}",
-                        "give one context per batch element")
-    return {"vace_context": context, "vace_context_scale": scale}
-
-
-_FLOAT_MAX = sys.float_info.max
-
-
-def normalise_scale(scale: Any, count: int, dtype: torch.dtype | None = None) -> tuple[float, ...]:
-    """A float (``None`` = 1.0) or one value per VACE layer, all finite (in ``dtype`` when given:
-    the hints are scaled in the model's dtype, where 1e300 is inf for float32)."""
-    if scale is None:
-        scale = 1.0
-    if isinstance(scale, torch.Tensor):
-        scale = scale.tolist()
-    values = [scale] * count if isinstance(scale, (int, float)) and not isinstance(scale, bool) else list(scale) \
-        if isinstance(scale, (list, tuple)) else None
-    if values is None:
-        raise CallError(f"vace_context_scale must be a number or a sequence, got {type(scale).__name__}",
-                        "pass a float or one float per VACE layer")
-    if len(values) != count:
-        raise CallError(f"vace_context_scale has {len(values)} values for {count} VACE layers",
-                        f"pass a float or exactly {count} values")
-    # A comparison, not math.isfinite: that raises OverflowError on an int such as 10**400.
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= _FLOAT_MAX for v in values):
-        raise CallError(f"vace_context_scale {values} is not all finite numbers", "use finite floats")
-    if dtype is not None and dtype.is_floating_point:
-        largest = torch.finfo(dtype).max
-        if any(abs(v) > largest for v in values):
-            raise CallError(f"vace_context_scale {values} is not all finite numbers in the model's dtype {dtype} "
-                            f"(largest {largest:.6g})", f"use floats of magnitude at most {largest:.6g}")
-    return tuple(float(v) for v in values)
 
 
 def _actions(family: VaceProfile) -> tuple[tuple[Where, Any], ...]:
@@ -309,10 +197,23 @@ def _actions(family: VaceProfile) -> tuple[tuple[Where, Any], ...]:
 
 
 def compute_hints(site: Site, family: VaceProfile = FALLBACK) -> None:
-    """Before the first block: context -> tokens -> VACE blocks -> one hint per layer."""
+    """Before the first block: context -> tokens -> VACE blocks -> one hint per layer, for each context.
+
+    Several contexts arrive as ``(context, per-layer scales)`` pairs with the scale input
+    ``None`` (:mod:`rules.vace_inputs`); each runs through the same VACE branch on its own.
+    """
     context = site.inputs[family.context_input]
     if context is None:
         return None
+    if site.inputs[family.scale_input] is None:
+        site.scratch["contexts"] = [(branch_hints(site, pair[0], family), pair[1]) for pair in context]
+    else:
+        site.scratch["hints"] = branch_hints(site, context, family)
+    return None
+
+
+def branch_hints(site: Site, context: Any, family: VaceProfile = FALLBACK) -> list[Any]:
+    """The VACE branch on one context: its hints, one per VACE layer."""
     model, x0 = site.model, site.stream
     embed, blocks = getattr(model, family.patch_embedding), getattr(model, family.blocks)
     tokens = x0.size(1)
@@ -334,8 +235,7 @@ def compute_hints(site: Site, family: VaceProfile = FALLBACK) -> None:
         out = block(c, **site.required)
         c = out[0] if isinstance(out, (tuple, list)) else out
         hints.append(getattr(block, family.output_projection)(c))
-    site.scratch["hints"] = hints
-    return None
+    return hints
 
 
 def _padded(c: torch.Tensor, rows: int, tokens: int) -> torch.Tensor:
@@ -346,10 +246,25 @@ def _padded(c: torch.Tensor, rows: int, tokens: int) -> torch.Tensor:
 
 
 def inject_hint(site: Site, family: VaceProfile = FALLBACK) -> Any:
-    """After block ``vace_layers[k]``: ``x + hint_k * scale_k`` (only x; cache info passes through)."""
-    hints, index = site.scratch.get("hints"), site.match.hint_index
-    if hints is None or index is None:
+    """After block ``vace_layers[k]``: ``x + hint_k * scale_k`` (only x; cache info passes through).
+
+    Several contexts are added one after another in their order, ``(x + h0_k * s0_k) + h1_k * s1_k
+    ...``, as ComfyUI's ``VaceWanModel`` does (``x += c_skip * vace_strength[i]`` per context).
+    """
+    index = site.match.hint_index
+    if index is None:
+        return None
+    x = site.stream
+    contexts = site.scratch.get("contexts")
+    if contexts is not None:
+        for hints, scale in contexts:
+            x = x + hints[index][:, : x.size(1)] * scale[index]
+        return x
+    hints = site.scratch.get("hints")
+    if hints is None:
         return None
     scale = site.inputs[family.scale_input]
-    x = site.stream
     return x + hints[index][:, : x.size(1)] * scale[index]
+
+
+__all__ = ["NAME", "OPTIONS", "branch_hints", "compute_hints", "inject_hint", "normalise_scale", "rule"]

@@ -105,7 +105,7 @@ def test_fault_in_each_apply_stage_leaves_the_model_untouched(index, monkeypatch
         surgery.apply(model, vace.rule(), example_inputs=inputs)
     monkeypatch.undo()
     before.assert_unchanged(model, run)
-    assert "_surgery" not in model.__dict__ and not hasattr(model, vace.BLOCKS)
+    assert "_surgery" not in model.__dict__ and not hasattr(model, vace.FALLBACK.blocks)
 
 
 def test_fault_in_a_rules_graft_builder_leaves_the_model_untouched():

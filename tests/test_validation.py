@@ -31,7 +31,7 @@ from surgery.validation import (
 
 NAMES = list(PIPELINE_MODULES)
 RESOLUTIONS = [(32, 32), (32, 48)]
-CASES = ["structure", "graph", "vace-off", "vace-on", "scales", "lora"]
+CASES = ["structure", "graph", "vace-off", "vace-on", "scales", "multi-context", "lora"]
 PEFT_BUG = "MatchError"  # engine: a PEFT-wrapped Linear fails the feed-forward pattern on re-specialisation
 
 

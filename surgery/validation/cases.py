@@ -9,6 +9,8 @@ Case names (``<rule>`` is the rule's name, e.g. ``vace``):
   at least three chunks at two resolutions (and the control input must change the output,
   or the comparison could not see a broken branch);
 * ``scales``: the same at other control scales (0, and one value per hinted layer);
+* ``multi-context``: two control inputs at once (ComfyUI's stacked VACE inputs), the first at
+  scale 1 and the second at one value per hinted layer; the second must change the output;
 * ``lora``: PEFT LoRA after surgery: the same ``LoraConfig`` applied to the rewritten model
   and to the reference, identical adapter weights copied by native name, compared over a
   stream (and the adapters must change the output).
@@ -121,6 +123,11 @@ def seeded_weights(shapes: dict[str, tuple[int, ...]], seed: int = 0, dtype: tor
     return out
 
 
+def _frozen(scale: Any) -> Any:
+    """Lists as tuples, nested too: scenarios key the memo of runs."""
+    return tuple(_frozen(s) for s in scale) if isinstance(scale, (list, tuple)) else scale
+
+
 def _worst(diffs: CallDiffs) -> tuple[float, str]:
     worst, where = 0.0, ""
     for label, diff in diffs:
@@ -215,10 +222,9 @@ class Session:
         with self._swapped():
             return self.harness.drive(model, scenario)
 
-    def scenario(self, index: int, *, control: bool, scale: Any = 1.0) -> Scenario:
-        if isinstance(scale, list):
-            scale = tuple(scale)  # scenarios key the memo of runs
-        return Scenario(tuple(self.harness.resolutions[index]), control=control, scale=scale)
+    def scenario(self, index: int, *, control: bool, scale: Any = 1.0, contexts: int = 1) -> Scenario:
+        return Scenario(tuple(self.harness.resolutions[index]), control=control, scale=_frozen(scale),
+                        contexts=contexts)
 
     def hinted_layers(self) -> int:
         return len({m.hint_index for m in self.result.matches if m.hint_index is not None})
@@ -331,6 +337,18 @@ def scales_case(session: Session) -> CaseResult:
     return session.numeric("scales", pairs)
 
 
+def multi_context_case(session: Session) -> CaseResult:
+    """Two control inputs in one call, each with its own scale, against the reference; the
+    second must move the output away from the one-context run, or a dropped one would pass."""
+    second = tuple(0.5 * (k + 1) for k in range(session.hinted_layers()))
+    sc = session.scenario(0, control=True, scale=(1.0, second), contexts=2)
+    ours = session.run("rewritten", sc)
+    effect = session.effect(ours, session.run("rewritten", session.scenario(0, control=True)))
+    error = None if effect > 0 else "the second control input changed nothing, so a dropped context would go unseen"
+    return session.numeric("multi-context", [(sc, ours, session.run("reference", sc))],
+                           f"second-context effect {effect:.3g}", error)
+
+
 def lora_case(session: Session) -> CaseResult:
     import peft
 
@@ -383,6 +401,7 @@ def build_cases(session: Session) -> list[Case]:
         Case(f"{rule}-off", tol, lambda: off_case(session, f"{rule}-off"), session),
         Case(f"{rule}-on", tol, lambda: on_case(session, f"{rule}-on"), session),
         Case("scales", tol, lambda: scales_case(session), session),
+        Case("multi-context", tol, lambda: multi_context_case(session), session),
         Case("lora", tol, lambda: lora_case(session), session),
     ]
 

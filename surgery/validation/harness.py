@@ -30,22 +30,26 @@ class Scenario:
 
     ``resolution`` is ``(height, width)`` in the driver's units; ``control`` says whether the
     rule's control input (for VACE: a ``vace_context`` per chunk) is passed, at ``scale``
-    (a number or one value per hinted layer); ``seed`` fixes the driver's random inputs.
+    (a number or one value per hinted layer); ``contexts`` > 1 passes that many control
+    inputs at once, the first the same as with one, ``scale`` then holding one entry per
+    context; ``seed`` fixes the driver's random inputs.
     """
 
     resolution: tuple[int, int]
     control: bool = False
     scale: Any = 1.0
     seed: int = 0
+    contexts: int = 1
 
     def describe(self) -> str:
         h, w = self.resolution
-        return f"{h}x{w}" + (f" scale={_scale_text(self.scale)}" if self.control else " no control")
+        several = f" {self.contexts} contexts" if self.contexts > 1 else ""
+        return f"{h}x{w}" + (f"{several} scale={_scale_text(self.scale)}" if self.control else " no control")
 
 
 def _scale_text(scale: Any) -> str:
     if isinstance(scale, (list, tuple)):
-        return "[" + ",".join(f"{s:g}" for s in scale) + "]"
+        return "[" + ",".join(_scale_text(s) for s in scale) + "]"
     return f"{scale:g}" if isinstance(scale, (int, float)) else str(scale)
 
 
