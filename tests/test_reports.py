@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import re
@@ -12,7 +13,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from report_fakes import DoubledBlock, Tiny, TinyBranch, fake_result, tag_branch, trace
+from picture_models import Picture, forty_blocks, longlive_adapters, longlive_vace, read_picture, readme_pictures
+from report_fakes import DoubledBlock, FakeGrafted, FakeGuard, FakeMatch, Tiny, TinyBranch, fake_result, tag_branch, trace
+from rich.console import Console
+from surgery.cli import render
 from surgery.errors import ReportError
 from surgery.reports import files as report_files
 from surgery.reports.canonical import (
@@ -25,7 +29,7 @@ from surgery.reports.canonical import (
 )
 from surgery.reports.diff import compare_to_golden, diff_graphs, group_changes, write_golden
 from surgery.reports.files import atomic_write_many, atomic_write_text
-from surgery.reports.mermaid import mermaid_region
+from surgery.reports.mermaid import escape, mermaid_region
 from surgery.reports.report import REPORT_JSON, REPORT_MD, build_report, render_markdown, write_report
 
 # --- canonical form ---------------------------------------------------------------------
@@ -188,31 +192,155 @@ def test_identical_changes_across_blocks_collapse():
     assert [(g.path, g.target, g.count) for g in added] == [("blocks.*", "operator.mul", 3)]
 
 
-# --- Mermaid ----------------------------------------------------------------------------
+# --- Mermaid picture ----------------------------------------------------------------------
 
 
-def test_mermaid_shows_one_injection_point_and_the_collapsed_branch():
-    text = mermaid_region(tag_branch(trace(TinyBranch()).graph))
-    assert text.startswith("flowchart TD\n")
-    assert "%% showing the first of 2 injection points" in text
-    boxes = re.findall(r'^  (g\d+)\["([^<]+)<br/>(\d+) nodes?"\]:::branch$', text, re.M)
-    labels = [label for _, label, _ in boxes]
-    # The hint scaling (c * 0.5) runs outside any module and joins the box of its input.
-    assert labels == ["vace_embed", "vace_blocks.0", "vace_blocks.1"]
-    assert [int(n) for _, _, n in boxes] == [1, 5, 5]
-    inject = re.findall(r'^  (inj\d*)\[".*"\]:::inject$', text, re.M)
-    assert len(inject) == 1  # the first injection point is a single add here
-    assert "@vace.inject.0/add" in text and "@vace.inject.1/add" not in text
-    box = {label: gid for gid, label, _ in boxes}
-    assert f"  {box['vace_embed']} --> {box['vace_blocks.0']}" in text
-    assert f"  {box['vace_blocks.0']} --> {box['vace_blocks.1']}" in text
-    assert re.search(rf"^  {box['vace_blocks.0']} --> {inject[0]}$", text, re.M)
-    assert re.search(r'^  x\d+\["%blocks.0/add<br/>operator.add"\]:::base$', text, re.M)
-    assert re.search(rf'^  x\d+\(\["%in:vace_context"\]\):::input$', text, re.M)
+def _sound(picture: Picture) -> None:
+    """Every edge joins declared boxes, none loops or goes both ways, no label is an fx node name."""
+    assert set(picture.labels) == set(picture.kinds) and picture.labels
+    for a, b in picture.edges:
+        assert a in picture.labels and b in picture.labels and a != b
+        assert (b, a) not in picture.edges, f"two-way edge {picture.labels[a]} <-> {picture.labels[b]}"
+    assert len(set(picture.edges)) == len(picture.edges)
+    for lines in picture.labels.values():
+        for line in lines:
+            assert not re.search(r"%|\b[a-z]+_\d+\b|\b(add|mul|getitem|cat)(#|\b(?!\.))", line), line
+
+
+def test_picture_of_vace_shows_the_chain_every_injection_point_and_the_branch():
+    result = longlive_vace()
+    picture = read_picture(mermaid_region(result.graph, result.matches, result.grafted))
+    _sound(picture)
+    assert picture.names == {
+        # the main chain, runs of blocks between the injection points
+        ("arg0", "patch_embedding"), ("patch_embedding", "input of blocks.0"), ("input of blocks.0", "blocks.0"),
+        ("blocks.0", "+ hint 0"), ("+ hint 0", "blocks.1-2"), ("blocks.1-2", "+ hint 1"), ("+ hint 1", "blocks.3"),
+        ("blocks.3", "head"), ("head", "output"),
+        # the branch: fed by the context and by x0 (the stream entering blocks.0), feeding each hint
+        ("vace_context", "vace_patch_embedding"), ("vace_patch_embedding", "vace_blocks.0"),
+        ("input of blocks.0", "vace_blocks.0"), ("vace_blocks.0", "vace_blocks.1"),
+        ("vace_blocks.0", "+ hint 0"), ("vace_blocks.1", "+ hint 1"),
+    }
+    assert picture.boxes("inject") == [["+ hint 0", "with vace_context_scale"], ["+ hint 1", "with vace_context_scale"]]
+    assert ["blocks.1-2", "2 × CausalWanAttentionBlock"] in picture.boxes("block")
+    assert ["patch_embedding", "Conv3d"] in picture.boxes("base")
+    assert sorted(line[0] for line in picture.boxes("branch")) == ["vace_blocks.0", "vace_blocks.1", "vace_patch_embedding"]
+    assert 'subgraph grafted ["vace: inserted branch"]' in picture.text
+
+
+def test_readme_shows_the_real_longlive_picture():
+    result = longlive_vace()
+    report = build_report(result)
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert readme_pictures(readme) == [mermaid_region(result.graph, report["matches"], report["grafted"])], \
+        "README's report picture is stale: paste the picture of `surgery apply longlive --report out` into it"
+
+
+def test_picture_of_another_rule_draws_an_adapter_after_each_block():
+    result = longlive_adapters()
+    picture = read_picture(mermaid_region(result.graph, result.matches, result.grafted))
+    _sound(picture)
+    chain = ["arg0", "patch_embedding"]
+    for k in range(4):
+        chain += [f"blocks.{k}", f"+ adapters.{k}"]
+    assert picture.names == set(zip(chain + ["head"], chain[1:] + ["head", "output"]))
+    assert "subgraph" not in picture.text  # the adapters run inside the injection points: no branch
+
+
+def test_picture_of_forty_blocks_collapses_runs():
+    picture = read_picture(mermaid_region(*forty_blocks(every=5)))
+    _sound(picture)
+    hints = [f"+ hint {k}" for k in range(8)]
+    runs = ["blocks.0"] + [f"blocks.{a}-{a + 4}" for a in range(1, 36, 5)]
+    chain = ["x", "embed"] + [box for pair in zip(runs, hints) for box in pair] + ["blocks.36-39", "head", "output"]
+    assert set(zip(chain, chain[1:])) <= picture.names
+    assert {(f"vace_blocks.{k}", f"+ hint {k}") for k in range(8)} <= picture.names
+    assert len(picture.labels) == len(chain) + 2 + 8  # + vace_context, vace_embed and 8 VACE blocks
+
+
+def test_picture_of_forty_injection_points_collapses_the_middle():
+    picture = read_picture(mermaid_region(*forty_blocks(every=1)))
+    _sound(picture)
+    assert len(picture.labels) <= 16
+    middle = ["blocks.2-38", "37 blocks, 36 injection points", "+ hint 2 .. + hint 37"]
+    assert middle in picture.boxes("inject")
+    assert ["vace_blocks.0-39", "40 × Block"] in picture.boxes("branch")
+    chain = ["blocks.0", "+ hint 0", "blocks.1", "+ hint 1", "blocks.2-38", "+ hint 38", "blocks.39", "+ hint 39", "head"]
+    assert set(zip(chain, chain[1:])) <= picture.names
+
+
+def test_picture_without_matches_infers_the_blocks():
+    result = fake_result()
+    with_matches = read_picture(mermaid_region(result.graph, result.matches, result.grafted))
+    inferred = read_picture(mermaid_region(result.graph))
+    _sound(inferred)
+    assert inferred.names == with_matches.names
+    assert ("+ hint 0", "blocks.1-2") in inferred.names and ("vace_blocks.1", "+ hint 1") in inferred.names
 
 
 def test_mermaid_is_empty_without_surgery():
     assert mermaid_region(trace(Tiny()).graph) == ""
+
+
+def test_mermaid_labels_escape_quotes_and_brackets():
+    assert escape('a "b" <c> & #d') == "a #quot;b#quot; #lt;c#gt; #amp; #35;d"
+    result = fake_result()
+    for node in result.graph.nodes:
+        if "surgery" in node.meta:
+            node.meta["surgery"]["rule"] = 'my "rule" <x>'
+    text = mermaid_region(result.graph, result.matches, result.grafted)
+    assert 'subgraph grafted ["my #quot;rule#quot; #lt;x#gt;: inserted branch"]' in text
+
+
+# --- console tables ---------------------------------------------------------------------
+
+GUARDS = [
+    FakeGuard("shape", "x = [self.patch_embedding(u.unsqueeze(0)) for u in x]", "1", "examples/longlive.py:566"),
+    FakeGuard("shape", "for u, v in zip(x, grid_sizes.tolist()):", "((None, None, None),)", "examples/wan/model.py:383"),
+    FakeGuard("state", "if self.freqs.device != device:", "False", "/home/user/projects/models/transformer_wan.py:1234"),
+    FakeGuard("input", "torch.stack([torch.cat([u, u.new_zeros(self.text_len - u.size(0), u.size(1))]) for u in context])",
+              "[bold]1", "rules/vace.py:344"),
+]
+
+
+def _printed(table, width: int) -> str:
+    out = Console(width=width, record=True, file=io.StringIO(), soft_wrap=True, highlight=False)
+    out.print(table)
+    return out.export_text()
+
+
+def test_console_tables_show_model_code_verbatim():
+    text = _printed(render.guards_table(GUARDS), 160)
+    assert "x = [self.patch_embedding(u.unsqueeze(0)) for u in x]" in text
+    assert "[bold]1" in text
+    matches = [FakeMatch("blocks[0]", "Block[red]", 0, 0)]
+    assert "blocks[0]" in _printed(render.matches_table(matches), 80)
+    assert "Block[red]" in _printed(render.matches_table(matches), 80)
+    assert "vace[x]" in _printed(render.grafted_table([FakeGrafted("vace[x]", 3)]), 80)
+    failed = {"passed": False, "cases": [{"name": "case[b]", "max_abs_diff": 0.5, "tolerance": 0.0, "passed": False,
+                                          "error": "shape [red] differs"}]}
+    text = _printed(render.validation_table(failed), 80)
+    assert "case[b]" in text and "FAIL shape [red] differs" in text
+    assert "k[i]" in _printed(render.rows_table("t", [("k[i]", "v[dim]")]), 80)
+
+
+def test_guard_locations_keep_their_line_numbers_at_80_columns():
+    text = _printed(render.guards_table(GUARDS), 80)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for line in ("examples/longlive.py:566", "examples/wan/model.py:383", "…/transformer_wan.py:1234", "rules/vace.py:344"):
+        assert line in text
+    # Nothing of the expression is lost: folded, it reads back whole.
+    column = "".join(row.split("│")[2].strip() for row in text.splitlines() if row.count("│") == 5)
+    assert "x=[self.patch_embedding(u.unsqueeze(0))foruinx]" in column.replace(" ", "")
+
+
+def test_markdown_cells_keep_code_and_names_verbatim():
+    report = build_report(fake_result())
+    report["guards"] = [{"kind": "shape", "expr": "a | b if `x` else <c>", "value": "<Tensor>", "where": "m.py:1"}]
+    report["matches"][0]["class"] = "<lambda>"
+    md = render_markdown(report, None, None)
+    assert "| shape | ``a \\| b if `x` else <c>`` | &lt;Tensor&gt; | m.py:1 |" in md
+    assert "| 0 | blocks.0 | &lt;lambda&gt; | 0 |" in md
 
 
 # --- atomic files -----------------------------------------------------------------------
@@ -360,6 +488,8 @@ def test_markdown_has_every_section():
     assert "| vace_blocks.0 |" in md
     assert "| chunk 0 | 0 | 0 | pass |" in md
     assert "```mermaid\nflowchart TD\n" in md
+    picture = read_picture(md.split("```mermaid\n")[1].split("```")[0])
+    assert ("blocks.0", "+ hint 0") in picture.names and ("vace_blocks.1", "+ hint 1") in picture.names
     assert "```diff\n--- base (before surgery)\n+++ rewritten (after surgery)\n" in md
     assert "+%@vace.inject.0/add = call_function operator.add" in md
     assert "| added | vace_blocks.*.norm | call_module | `vace_blocks.*.norm` | vace:branch | x2 |" in md

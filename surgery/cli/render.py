@@ -8,6 +8,13 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
+
+#: The ``where`` column's width: ``file:line`` is shortened from the left to fit, so that the
+#: line number stays visible on an 80-column terminal.
+WHERE_WIDTH = 26
+#: The guards' ``value`` column folds past this width, leaving the room to the expression.
+VALUE_WIDTH = 12
 
 
 class _Console(Console):
@@ -24,12 +31,26 @@ def console(stderr: bool = False) -> Console:
     return _Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
+def verbatim(value: Any) -> Text:
+    """A cell showing model code or names exactly: rich would read ``[self.x]`` as markup and drop it."""
+    return Text(str(value))
+
+
+def short_where(where: str, width: int = WHERE_WIDTH) -> str:
+    """``file:line`` cut from the left to ``width`` characters, at a path separator where possible."""
+    if len(where) <= width:
+        return where
+    tail = where[len(where) - (width - 1):]
+    cut = tail.find("/")
+    return "…" + (tail[cut:] if 0 <= cut < len(tail) - 1 and ":" in tail[cut:] else tail)
+
+
 def matches_table(matches: Sequence[Any]) -> Table:
     table = Table(title=f"Matches ({len(matches)})", title_justify="left")
     for col in ("#", "module", "class", "hint"):
         table.add_column(col)
     for m in matches:
-        table.add_row(str(m.position), m.name, m.cls, "-" if m.hint_index is None else str(m.hint_index))
+        table.add_row(str(m.position), verbatim(m.name), verbatim(m.cls), "-" if m.hint_index is None else str(m.hint_index))
     return table
 
 
@@ -39,16 +60,20 @@ def grafted_table(grafted: Sequence[Any]) -> Table:
     table.add_column("module")
     table.add_column("parameters", justify="right")
     for g in grafted:
-        table.add_row(g.name, f"{g.params:,}")
+        table.add_row(verbatim(g.name), f"{g.params:,}")
     return table
 
 
 def guards_table(guards: Sequence[Any]) -> Table:
+    """Guards with their source line; ``where`` never wraps, so ``file:line`` survives 80 columns."""
     table = Table(title=f"Guards ({len(guards)})", title_justify="left")
-    for col in ("kind", "expression", "value", "where"):
-        table.add_column(col)
-    for g in guards:
-        table.add_row(g.kind, g.expr, str(g.value), g.where)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("expression", overflow="fold")
+    table.add_column("value", overflow="fold", max_width=VALUE_WIDTH)
+    wheres = [short_where(str(g.where)) for g in guards]
+    table.add_column("where", no_wrap=True, min_width=max((len(w) for w in wheres), default=5))
+    for g, where in zip(guards, wheres):
+        table.add_row(verbatim(g.kind), verbatim(g.expr), verbatim(g.value), verbatim(where))
     return table
 
 
@@ -61,8 +86,9 @@ def validation_table(validation: Mapping[str, Any]) -> Table:
     table.add_column("result")
     for c in validation["cases"]:
         diff = "n/a" if c["max_abs_diff"] is None else f"{c['max_abs_diff']:.3g}"
-        result = "[green]pass[/]" if c["passed"] else f"[red]FAIL[/] {c.get('error') or ''}".rstrip()
-        table.add_row(c["name"], diff, f"{c['tolerance']:.3g}", result)
+        result = Text("pass", style="green") if c["passed"] else \
+            Text.assemble(("FAIL", "red"), f" {c.get('error') or ''}".rstrip())
+        table.add_row(verbatim(c["name"]), diff, f"{c['tolerance']:.3g}", result)
     return table
 
 
@@ -72,7 +98,7 @@ def rows_table(title: str, rows: Sequence[tuple[str, str]]) -> Table:
     table.add_column("field")
     table.add_column("value")
     for key, value in rows:
-        table.add_row(key, value)
+        table.add_row(verbatim(key), verbatim(value))
     return table
 
 
@@ -95,5 +121,7 @@ __all__ = [
     "matches_table",
     "progress",
     "rows_table",
+    "short_where",
     "validation_table",
+    "verbatim",
 ]

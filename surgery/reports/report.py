@@ -29,6 +29,11 @@ REPORT_MD = "report.md"
 #: Diffs longer than this many lines are cut in the Markdown page (the JSON never holds them).
 MAX_DIFF_LINES = 4000
 
+PICTURE_LEGEND = (
+    "Grey: the base model, with runs of matched blocks in one box; red: injection points, each after "
+    "its block; green: the grafted branch; blue: graph inputs and the output. An arrow is a tensor "
+    "flowing between modules (ops outside modules and integer bookkeeping are not drawn).")
+
 
 def jsonable(value: Any) -> Any:
     """Convert option values and metadata into plain JSON types (tuples -> lists, dtypes -> str)."""
@@ -158,9 +163,20 @@ def build_report(
     }
 
 
+class Code(str):
+    """A table cell shown as code (a guard's expression, a graph target), verbatim."""
+
+
 def _cell(value: Any) -> str:
-    text = "" if value is None else str(value)
-    return text.replace("|", "\\|").replace("\n", " ")
+    """A Markdown table cell: names as text with HTML specials escaped, :class:`Code` as a code span."""
+    text = ("" if value is None else str(value)).replace("\n", " ")
+    if isinstance(value, Code):
+        # A code span needs a fence longer than any backtick run inside it; GitHub tables still
+        # split on a bare "|", even inside code, so that one is escaped everywhere.
+        fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+        pad = " " if text.startswith("`") or text.endswith("`") else ""
+        return f"{fence}{pad}{text}{pad}{fence}".replace("|", "\\|")
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -224,7 +240,7 @@ def _lora_markdown(lora: Mapping[str, Any] | None) -> list[str]:
     out = ["## LoRA", "",
            f"**Warning:** {len(names)} Linear layers are never called by the rewritten graphs (for example "
            "projections replaced by a fused layer), so a LoRA that targets them has no effect:", ""]
-    out += _table(("module", "count"), [(f"`{p}`", f"x{n}") for p, n in groups.items()])
+    out += _table(("module", "count"), [(Code(p), f"x{n}") for p, n in groups.items()])
     out += ["", "<details><summary>All uncalled Linear layers</summary>", ""]
     out += [f"- `{name}`" for name in names]
     out += ["", "</details>", ""]
@@ -251,7 +267,8 @@ def render_markdown(report: Mapping[str, Any], base_graph: torch.fx.Graph | None
     if report["guards"]:
         out += ["<details><summary>Guards of the initial specialisation "
                 f"({len(report['guards'])})</summary>", ""]
-        out += _table(("kind", "expression", "value", "where"), [(g["kind"], f"`{g['expr']}`", g["value"], g["where"]) for g in report["guards"]])
+        out += _table(("kind", "expression", "value", "where"),
+                      [(g["kind"], Code(g["expr"]), g["value"], g["where"]) for g in report["guards"]])
         out += ["", "</details>", ""]
 
     out += _lora_markdown(report.get("lora"))
@@ -275,9 +292,9 @@ def render_markdown(report: Mapping[str, Any], base_graph: torch.fx.Graph | None
         out += [f"- {c}" for c in golden["changes"][:200]] + ([""] if golden["changes"] else [])
 
     if rewritten_graph is not None:
-        picture = mermaid_region(rewritten_graph)
+        picture = mermaid_region(rewritten_graph, report["matches"], report["grafted"])
         if picture:
-            out += ["## Rewritten region", "", "```mermaid", picture.rstrip("\n"), "```", ""]
+            out += ["## Rewritten region", "", PICTURE_LEGEND, "", "```mermaid", picture.rstrip("\n"), "```", ""]
 
     if base_graph is not None and rewritten_graph is not None:
         diff = diff_graphs(base_graph, rewritten_graph, "base (before surgery)", "rewritten (after surgery)")
@@ -287,7 +304,7 @@ def render_markdown(report: Mapping[str, Any], base_graph: torch.fx.Graph | None
                 "(node names canonicalised; identical changes across blocks collapsed).", ""]
         groups = group_changes(diff.node_changes)
         if groups:
-            rows = [(g.status, g.path or "<top level>", g.op, f"`{g.target}`", g.role, f"x{g.count}") for g in groups]
+            rows = [(g.status, g.path or "<top level>", g.op, Code(g.target), g.role, f"x{g.count}") for g in groups]
             out += _table(("status", "module path", "op", "target", "surgery", "count"), rows) + [""]
         if diff.unified:
             out += ["<details><summary>Unified diff of the canonical graph</summary>", "", "```diff",
