@@ -352,7 +352,8 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The harness's argument parser (every flag has a help text)."""
     parser = OneLineParser(
-        prog="bench", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        prog="bench", description="What surgery costs, measured side by side with a hand-written wrapper "
+                                  "(benchmarks/README.md explains every measurement).",
         epilog="exit codes: 0 every applicable target passed; 1 an applicable target failed (targets of "
                "other settings are n/a); 2 bad usage or input; 3 internal error; 130 interrupted")
     parser.add_argument("model", metavar="MODEL", help="built-in model name (or what --provider understands)")
