@@ -191,3 +191,31 @@ def test_pickled_model_keeps_its_family(models):
         ours = loaded(*args, control_hidden_states=control, control_hidden_states_scale=torch.tensor([2.0, 0.5]))
         theirs = result.module(*args, control_hidden_states=control, control_hidden_states_scale=torch.tensor([2.0, 0.5]))
     assert (ours.sample - theirs.sample).abs().max().item() == 0.0
+
+
+def test_a_file_of_the_other_layout_is_refused_naming_the_rules_key_map(models, tmp_path):
+    """The loader's fix names the key map of the model's own rule that makes the file fit:
+    ``native`` for the diffusers drop-in, ``diffusers`` for a Wan-layout model."""
+    from examples import PIPELINES
+    from examples.driver import example_call
+    from surgery.errors import WeightsError
+
+    _, result, reference = models
+    vace_weights = {k: v.contiguous() for k, v in reference.state_dict().items() if k.startswith("vace")}
+    native = {apply_key_map(k, compile_key_map(DIFFUSERS_TO_NATIVE)): v for k, v in vace_weights.items()}
+    save_file(native, str(tmp_path / "native.safetensors"))
+    with pytest.raises(WeightsError, match=r"; fix: the file uses the 'native' layout: pass "
+                                           r"key_map=model\.surgery_state\.rule\.key_maps\['native'\]"):
+        load_vace_weights(result.module, tmp_path / "native.safetensors")
+
+    pipeline = PIPELINES["longlive"]
+    base = pipeline.build("tiny", seed=0)
+    wan = surgery.apply(base, vace.rule(), example_inputs=example_call(base, pipeline)).module
+    to_diffusers = compile_key_map(NATIVE_TO_DIFFUSERS)
+    save_file({apply_key_map(k, to_diffusers): torch.randn(v.shape) for k, v in wan.state_dict().items()
+               if k.startswith("vace")}, str(tmp_path / "diffusers.safetensors"))
+    with pytest.raises(WeightsError, match=r"; fix: the file uses the 'diffusers' layout: pass "
+                                           r"key_map=model\.surgery_state\.rule\.key_maps\['diffusers'\]"):
+        load_vace_weights(wan, tmp_path / "diffusers.safetensors")
+    report = load_vace_weights(wan, tmp_path / "diffusers.safetensors", key_map=wan.surgery_state.rule.key_maps["diffusers"])
+    assert report.tensors == sum(k.startswith("vace") for k in wan.state_dict())

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +44,7 @@ DEFAULT_VACE_PREFIXES = ("vace_blocks.", "vace_patch_embedding.")
 PATCH_EMBEDDING_KEY = "vace_patch_embedding.weight"
 _LIST_LIMIT = 6
 _PEFT_MARKERS = (".base_layer.", ".lora_A.", ".lora_B.", ".lora_embedding_", ".lora_magnitude_")
+# For a module no rule rewrote (a hand-written VACE model), which has no key maps to offer.
 _DIFFUSERS_MARKERS = (".attn1.", ".attn2.", ".proj_in.", ".proj_out.", ".scale_shift_table", ".ffn.net.")
 
 
@@ -104,7 +105,8 @@ def _module_slots(module: nn.Module, prefixes: Sequence[str]) -> dict[str, _Slot
     return slots
 
 
-def _fit_error(missing: list[str], unexpected: list[str], shapes: list[str], files: Sequence[str]) -> WeightsError:
+def _fit_error(missing: list[str], unexpected: list[str], shapes: list[str], files: Sequence[str],
+               layout_fix: Callable[[], str | None]) -> WeightsError:
     parts = []
     if missing:
         parts.append(f"{len(missing)} VACE keys missing from the file ({_listing(missing)})")
@@ -112,10 +114,10 @@ def _fit_error(missing: list[str], unexpected: list[str], shapes: list[str], fil
         parts.append(f"{len(unexpected)} unexpected keys in the file ({_listing(unexpected)})")
     if shapes:
         parts.append(f"{len(shapes)} shape mismatches, model vs file ({_listing(shapes)})")
-    if any(m in k for k in unexpected for m in _DIFFUSERS_MARKERS):
+    fix = layout_fix() if missing or unexpected else None
+    if fix is None and any(m in k for k in unexpected for m in _DIFFUSERS_MARKERS):
         fix = "the file uses diffusers names: pass key_map=rules.vace_keymaps.DIFFUSERS_TO_NATIVE"
-    else:
-        fix = "use the checkpoint built for this model's dim, ffn_dim and vace_layers, or pass a key_map for its layout"
+    fix = fix or "use the checkpoint built for this model's dim, ffn_dim and vace_layers, or pass a key_map for its layout"
     err = WeightsError(f"{', '.join(files)} does not fit the model: " + "; ".join(parts), fix)
     err.details = {"missing": missing, "unexpected": unexpected, "shape_mismatches": shapes}  # type: ignore[attr-defined]
     return err
@@ -238,7 +240,7 @@ def load_vace_weights(
 
     slots = _module_slots(module, vace_prefixes)
     _check_model(where, slots, vace_prefixes, file_in_dim, file_blocks)
-    plan = _plan(slots, chosen, files)
+    plan = _plan(slots, chosen, files, lambda: _layout_fix(module, entries, strip_prefixes, vace_prefixes, slots))
 
     counts = _Counts()
     with open_tensors({e.file for _, _, e in plan}, mmap=mmap) as handles:
@@ -326,8 +328,28 @@ def _check_model(
         )
 
 
+def _layout_fix(module: nn.Module, names: Iterable[str], strip_prefixes: Sequence[str],
+                vace_prefixes: Sequence[str], slots: dict[str, _Slot]) -> str | None:
+    """The key map that makes the file's keys the module's, from the rule that rewrote the
+    module (``Rule.key_maps``: its family's maps from other layouts), as a fix; else None
+    (``""`` for a rewritten module that none fits: no other hint applies to it)."""
+    rule = getattr(getattr(module, "surgery_state", None), "rule", None)
+    if rule is None:
+        return None
+    for name, table in (getattr(rule, "key_maps", None) or {}).items():
+        try:
+            selection = select_keys(names, strip_prefixes=strip_prefixes, key_map=table, keep_prefixes=vace_prefixes)
+        except WeightsError:  # a map that makes keys collide is no candidate
+            continue
+        if set(selection.selected) == set(slots):
+            return (f"the file uses the {name!r} layout: pass key_map=model.surgery_state.rule.key_maps[{name!r}] "
+                    f"(a key map of rule {rule.name!r})")
+    return ""
+
+
 def _plan(
-    slots: dict[str, _Slot], chosen: dict[str, TensorEntry], files: Sequence[str]
+    slots: dict[str, _Slot], chosen: dict[str, TensorEntry], files: Sequence[str],
+    layout_fix: Callable[[], str | None],
 ) -> list[tuple[_Slot, str, TensorEntry]]:
     """Pair every model slot with its file entry; all key and shape problems in one error."""
     plan: list[tuple[_Slot, str, TensorEntry]] = []
@@ -355,7 +377,7 @@ def _plan(
         plan.append((slot, present[0], entry))
     unexpected = sorted(k for k in chosen if k not in slots)
     if missing or unexpected or shapes:
-        raise _fit_error(missing, unexpected, shapes, files)
+        raise _fit_error(missing, unexpected, shapes, files, layout_fix)
     _check_dtypes(plan, files)
     return plan
 
