@@ -181,6 +181,28 @@ def test_errors_name_the_inputs_of_the_models_own_profile():
         assert message.startswith(needle) and "vace_context" not in message, message
 
 
+def test_a_model_without_a_block_count_takes_a_float_example_scale_not_a_per_layer_one():
+    """Before matching, the layer count of the default ``vace_layers`` is unknown: a float example
+    scale traces (the default layers then come from the match count), a per-layer one is refused."""
+    import torch.nn as nn
+
+    from test_corpus import VACE_IN_DIM, corpus
+
+    family = corpus("odd_names")
+    base = family.build(0)
+    args, kwargs = family.call(base, family.new_cache(base), 0, torch.Generator().manual_seed(5))
+    control = torch.zeros(1, VACE_IN_DIM, 2, 4, 4)
+    with pytest.raises(CallError) as info:
+        surgery.apply(base, vace.rule(vace_in_dim=VACE_IN_DIM),
+                      example_inputs=(args, {**kwargs, "vace_context": control, "vace_context_scale": [1.0, 1.0]}))
+    assert one_line(info.value).startswith("vace_context_scale gives per-layer values, but the model declares no "
+                                           "block count")
+    result = surgery.apply(base, vace.rule(vace_in_dim=VACE_IN_DIM),
+                           example_inputs=(args, {**kwargs, "vace_context": control, "vace_context_scale": 0.5}))
+    count = len(family.blocks_of(result.module))
+    assert isinstance(result.module.vace_blocks, nn.ModuleList) and len(result.module.vace_blocks) == (count + 1) // 2
+
+
 # --- diffusers: its VACE model takes one control input; its own modules, driven per context --
 
 CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
