@@ -5,6 +5,8 @@ control context into tokens, ``vace_blocks.K`` (the model's own block structure,
 without caches) turn them into one hint per selected layer, and the output of main block
 ``vace_layers[k]`` becomes ``x + hint_k * scale_k``. The whole branch runs before the first
 block because it only reads the patch-embedded latent ``x0`` and the blocks' shared inputs.
+Several control contexts in one call each run through the same branch, and their hints are
+added one context after another (:mod:`rules.vace_inputs` says which call forms mean that).
 
 Nothing here names a pipeline or a model family: blocks are found by structure, their
 constructor arguments are read back from the blocks (their attributes, a config, their

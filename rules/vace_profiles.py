@@ -17,8 +17,9 @@ one family, so that ``rules/vace.py`` names none:
 * key maps to the other layout's checkpoints (``rules/vace_keymaps.py``).
 
 The injection arithmetic needs no entry: every family computes ``x + hint * scale`` after the
-block, hint ``k`` with scale ``k`` (diffusers: ``hidden_states + control_hint * scale``), and
-zero-pads the embedded context to the latent's tokens. Only the embedding's batching differs
+block, hint ``k`` with scale ``k`` (diffusers: ``hidden_states + control_hint * scale``; with
+several contexts one such term per context, in order, as ComfyUI does), and zero-pads the
+embedded context to the latent's tokens. Only the embedding's batching differs
 (``batched_embedding``).
 """
 from __future__ import annotations
