@@ -44,7 +44,7 @@ def test_rule_without_profile_binds_to_the_detected_family():
 def test_rule_code_and_engine_name_no_model_family():
     families = re.compile(r"CausalWan|longlive|krea|memflow|streamdiffusion|reward.?forcing|kv_cache|"
                           r"crossattn_cache|kv_bank|t2v_cross_attn", re.IGNORECASE)
-    files = [ROOT / "rules" / "vace.py"] + [p for d in ("grafting", "matching", "rewriting", "tracing")
+    files = [ROOT / "rules" / "vace.py", ROOT / "rules" / "vace_inputs.py"] + [p for d in ("grafting", "matching", "rewriting", "tracing")
                                             for p in (ROOT / "surgery" / d).glob("*.py")]
     hits = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
             if families.search(line)]
