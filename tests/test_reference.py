@@ -246,7 +246,7 @@ def test_hints_follow_the_formula(pipeline):
 
         for i, block in enumerate(ref.blocks):
             block_args, block_kwargs, out = seen[i]
-            assert block_kwargs["context_scale"] == 0.5
+            assert [scale for _, scale in block_kwargs["hints"]] == [0.5]  # one (hints, scale) pair per context
             plain = block(*block_args, **{**block_kwargs, "hints": None})
             expected = plain if block.block_id is None else plain + hints[block.block_id] * 0.5
             assert torch.equal(out, expected), i
