@@ -176,7 +176,8 @@ def test_non_float_tensor_is_refused(tmp_path, ref, dtype):
     bad["vace_blocks.1.norm3.weight"] = ref["vace_blocks.1.norm3.weight"].to(dtype)
     path = write(tmp_path / "int.safetensors", bad)
     name = str(dtype).removeprefix("torch.")
-    message = refused(StandIn(), path, f"1 tensors are not floating point \\(vace_blocks.1.norm3.weight \\({name}\\)\\)")
+    pattern = f"1 tensors are not floating point \\(vace_blocks.1.norm3.weight \\({name}\\)\\)"
+    message = refused(StandIn(), path, pattern)
     assert "never converted" in message
     # Same file with a floating-point tensor in that place loads (the check is live).
     model = StandIn()
@@ -206,8 +207,8 @@ def test_overflow_is_judged_on_converted_values(tmp_path, ref, mmap):
     assert "load into a float32 or bfloat16 model" in message
     huge = {k: v.double() for k, v in ref.items()}
     huge["vace_blocks.1.ffn.2.weight"][3, 3] = 1e300
-    message = refused(StandIn(), write(tmp_path / "huge64.safetensors", huge), "up to 1e\\+300, beyond the float32 range",
-                      mmap=mmap)
+    huge_path = write(tmp_path / "huge64.safetensors", huge)
+    message = refused(StandIn(), huge_path, "up to 1e\\+300, beyond the float32 range", mmap=mmap)
     assert "re-export" in message
 
 

@@ -11,8 +11,8 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -42,18 +42,19 @@ _ITEMSIZE: dict[str, int] = {
     "BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8,
     "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
 }
+_TORCH_DTYPES: dict[str, torch.dtype | None] = {code: getattr(torch, name, None) for code, name in _DTYPE_NAMES.items()}
 FLOAT_CODES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
 # The safetensors reference implementation refuses headers above 100 MB; a larger value
 # here can only come from garbage bytes (e.g. a pickle renamed to .safetensors).
 _MAX_HEADER_BYTES = 100_000_000
 
 
-@dataclass(frozen=True)
-class TensorEntry:
+class TensorEntry(NamedTuple):
     """One tensor as described by a safetensors header (no data read).
 
     ``offset`` is the absolute byte offset of the tensor's data in ``file``; ``stamp``
-    identifies the version of the file the header was read from.
+    identifies the version of the file the header was read from. (A named tuple: a
+    checkpoint has hundreds of entries and this is read on every load.)
     """
 
     name: str
@@ -76,8 +77,7 @@ class TensorEntry:
 
 def torch_dtype(code: str, file: Path | str = "?") -> torch.dtype:
     """Map a safetensors dtype code (``"BF16"``) to a torch dtype."""
-    name = _DTYPE_NAMES.get(code)
-    dtype = getattr(torch, name, None) if name else None
+    dtype = _TORCH_DTYPES.get(code)
     if dtype is None:
         raise WeightsError(
             f"{file}: tensor dtype {code!r} is not supported by this torch build",
@@ -133,8 +133,8 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             continue
         try:
             dtype = info["dtype"]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
+            shape = tuple(map(int, info["shape"]))
+            begin, end = map(int, info["data_offsets"])
         except (TypeError, KeyError, ValueError) as exc:
             raise invalid_file(path, f"malformed header entry for {name!r}") from exc
         if dtype not in _ITEMSIZE:

@@ -16,10 +16,11 @@ How each tensor lands in the module:
 """
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from surgery.weights.files import (
     open_tensors,
     read_tensor,
     resolve_checkpoint,
+    torch_dtype,
 )
 from surgery.weights.keys import KeyMap, block_indices, describe_blocks, select_keys
 from surgery.weights.report import LoadReport
@@ -43,25 +45,25 @@ DEFAULT_STRIP_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 DEFAULT_VACE_PREFIXES = ("vace_blocks.", "vace_patch_embedding.")
 PATCH_EMBEDDING_KEY = "vace_patch_embedding.weight"
 _LIST_LIMIT = 6
-_PEFT_MARKERS = (".base_layer.", ".lora_A.", ".lora_B.", ".lora_embedding_", ".lora_magnitude_")
+_CPU = torch.device("cpu")
+_PEFT_MARKERS = re.compile(r"\.(base_layer\.|lora_A\.|lora_B\.|lora_embedding_|lora_magnitude_)")
 # For a module no rule rewrote (a hand-written VACE model), which has no key maps to offer.
 _DIFFUSERS_MARKERS = (".attn1.", ".attn2.", ".proj_in.", ".proj_out.", ".scale_shift_table", ".ffn.net.")
 
 
-@dataclass
 class _Slot:
     """One parameter or buffer of the module, reachable under one or more state_dict keys."""
 
-    keys: list[str]
-    tensor: torch.Tensor
-    is_param: bool
-    owners: list[tuple[nn.Module, str]] = field(default_factory=list)
-    target_device: torch.device = field(init=False)
+    __slots__ = ("keys", "tensor", "is_param", "owners", "target_device")
 
-    def __post_init__(self) -> None:
+    def __init__(self, tensor: torch.Tensor, is_param: bool) -> None:
+        self.keys: list[str] = []
+        self.tensor = tensor
+        self.is_param = is_param
+        self.owners: list[tuple[nn.Module, str]] = []
         # A meta-device module has no storage to keep; its weights land on the CPU.
-        device = self.tensor.device
-        self.target_device = torch.device("cpu") if device.type == "meta" else device
+        device = tensor.device
+        self.target_device = _CPU if device.type == "meta" else device
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -80,8 +82,9 @@ def _module_slots(module: nn.Module, prefixes: Sequence[str]) -> dict[str, _Slot
     slots: dict[str, _Slot] = {}
     # One walk of the module tree instead of a get_submodule walk per key.
     modules = dict(module.named_modules(remove_duplicate=False))
+    prefixes = tuple(prefixes)
     for key, tensor in module.state_dict(keep_vars=True).items():
-        if not key.startswith(tuple(prefixes)):
+        if not key.startswith(prefixes):
             continue
         owner_name, _, attr = key.rpartition(".")
         owner = modules.get(owner_name)
@@ -91,14 +94,15 @@ def _module_slots(module: nn.Module, prefixes: Sequence[str]) -> dict[str, _Slot
                 "remove custom state_dict hooks from the VACE modules",
             )
         is_param = attr in owner._parameters
-        if not (is_param or attr in owner._buffers) or getattr(owner, attr) is not tensor:
+        registered = owner._parameters.get(attr) if is_param else owner._buffers.get(attr)
+        if registered is None or registered is not tensor:
             raise WeightsError(
                 f"state_dict key {key!r} is not a plain parameter or buffer of {type(owner).__name__}",
                 "remove custom state_dict hooks from the VACE modules",
             )
         slot = by_id.get(id(tensor))
         if slot is None:
-            slot = by_id[id(tensor)] = _Slot([], tensor, is_param)
+            slot = by_id[id(tensor)] = _Slot(tensor, is_param)
         slot.keys.append(key)
         slot.owners.append((owner, attr))
         slots[key] = slot
@@ -242,10 +246,11 @@ def load_vace_weights(
     _check_model(where, slots, vace_prefixes, file_in_dim, file_blocks)
     plan = _plan(slots, chosen, files, lambda: _layout_fix(module, entries, strip_prefixes, vace_prefixes, slots))
 
-    counts = _Counts()
+    shares = [_maps(slot, entry, mmap) for slot, _, entry in plan]
     with open_tensors({e.file for _, _, e in plan}, mmap=mmap) as handles:
-        values = [_read_checked(handles, slot, key, entry) for slot, key, entry in plan]
-    _commit(plan, values, mmap, counts)
+        values = [_read_checked(handles, *step, share) for step, share in zip(plan, shares)]
+    _commit(plan, values)
+    counts = _count(plan, shares)
 
     return LoadReport(
         files=tuple(files),
@@ -304,7 +309,7 @@ def _check_model(
             f"the model has no VACE parameters ({', '.join(vace_prefixes)}) to load {where} into",
             "graft the VACE branch first, then load its weights",
         )
-    peft_keys = [k for k in slots if any(m in k for m in _PEFT_MARKERS)]
+    peft_keys = [k for k in slots if _PEFT_MARKERS.search(k)]
     if peft_keys:
         raise OrderError(
             f"the VACE modules already carry LoRA/PEFT layers (e.g. {peft_keys[0]!r}), so native VACE keys cannot load",
@@ -371,7 +376,7 @@ def _plan(
                 "keep one name per tensor in the checkpoint",
             )
         entry = chosen[present[0]]
-        if tuple(slot.tensor.shape) != entry.shape:
+        if slot.tensor.shape != entry.shape:  # torch.Size is a tuple
             shapes.append(f"{present[0]}: {list(slot.tensor.shape)} vs {list(entry.shape)}")
             continue
         plan.append((slot, present[0], entry))
@@ -405,11 +410,12 @@ def _maps(slot: _Slot, entry: TensorEntry, mmap: bool) -> bool:
     return mmap and slot.target_device.type == "cpu" and entry.torch_dtype == slot.tensor.dtype
 
 
-def _read_checked(handles: Mapping[Path, TensorFile], slot: _Slot, key: str, entry: TensorEntry) -> torch.Tensor:
-    """The checked value the slot will get: the mapped file tensor (opt-in) or a checked copy."""
-    file = handles[entry.file]
-    if not _maps(slot, entry, file.mmap):
-        return _converted(slot, file, key, entry)
+def _read_checked(
+    handles: Mapping[Path, TensorFile], slot: _Slot, key: str, entry: TensorEntry, share: bool
+) -> torch.Tensor:
+    """The checked value the slot will get: the mapped file tensor (``share``, opt-in) or a checked copy."""
+    if not share:
+        return _converted(slot, handles[entry.file], key, entry)
     t = read_tensor(handles, entry)
     _check_chunk(key, entry, t, t)
     _check_patch_embedding(key, entry, t)
@@ -418,33 +424,39 @@ def _read_checked(handles: Mapping[Path, TensorFile], slot: _Slot, key: str, ent
 
 @dataclass
 class _Counts:
-    shared: int = 0
-    converted: int = 0
-    copied: int = 0
-    file_dtypes: Counter[str] = field(default_factory=Counter)
-    target_dtypes: Counter[str] = field(default_factory=Counter)
-    devices: Counter[str] = field(default_factory=Counter)
+    shared: int
+    converted: int
+    copied: int
+    file_dtypes: Counter[str]
+    target_dtypes: Counter[str]
+    devices: Counter[str]
 
 
-def _commit(
-    plan: list[tuple[_Slot, str, TensorEntry]], values: list[torch.Tensor], mmap: bool, counts: _Counts
-) -> None:
+def _count(plan: list[tuple[_Slot, str, TensorEntry]], shares: list[bool]) -> _Counts:
+    """How each tensor lands: shared with the file's mapping, copied as stored, or converted."""
+    kinds = Counter(
+        (share, entry.dtype, slot.tensor.dtype, slot.target_device) for (slot, _, entry), share in zip(plan, shares)
+    )
+    counts = _Counts(0, 0, 0, Counter(), Counter(), Counter())
+    for (share, stored, held, device), n in kinds.items():  # a few kinds, not one per tensor
+        if share:
+            counts.shared += n
+        elif torch_dtype(stored) == held and device.type == "cpu":
+            counts.copied += n
+        else:
+            counts.converted += n
+        counts.file_dtypes[_dtype_name(torch_dtype(stored))] += n
+        counts.target_dtypes[_dtype_name(held)] += n
+        counts.devices[str(device)] += n
+    return counts
+
+
+def _commit(plan: list[tuple[_Slot, str, TensorEntry]], values: list[torch.Tensor]) -> None:
     """Swap the checked tensors into the module, all or nothing.
 
     Every value is new storage (or the file's mapping); the old tensor objects are only
     replaced here, and put back if anything (an interrupt) stops the swap half-way.
     """
-    for slot, _, entry in plan:
-        stored = entry.torch_dtype
-        if _maps(slot, entry, mmap):
-            counts.shared += 1
-        elif stored == slot.tensor.dtype and slot.target_device.type == "cpu":
-            counts.copied += 1
-        else:
-            counts.converted += 1
-        counts.file_dtypes[_dtype_name(stored)] += 1
-        counts.target_dtypes[_dtype_name(slot.tensor.dtype)] += 1
-        counts.devices[str(slot.target_device)] += 1
     done: list[tuple[_Slot, list[torch.Tensor]]] = []
     try:
         for (slot, _, _), value in zip(plan, values):

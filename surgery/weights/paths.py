@@ -15,8 +15,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from surgery.errors import SurgeryError, WeightsError
 
@@ -33,8 +33,7 @@ _OPEN_FLAGS = (
 )
 
 
-@dataclass(frozen=True)
-class FileStamp:
+class FileStamp(NamedTuple):
     """Which version of a file was read: device, inode, size and modification time."""
 
     device: int
@@ -108,7 +107,9 @@ def open_regular(path: Path, purpose: str) -> tuple[int, os.stat_result]:
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except OSError as exc:
-        raise WeightsError(f"cannot open {purpose} {path}: {exc.strerror or exc}", "check the path and permissions") from exc
+        raise WeightsError(
+            f"cannot open {purpose} {path}: {exc.strerror or exc}", "check the path and permissions"
+        ) from exc
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -137,7 +138,9 @@ def _stat_error(path: Path, purpose: str, exc: OSError, error: type[SurgeryError
     if exc.errno == errno.ENOENT:
         return error(f"{purpose} {path} does not exist", "check the path")
     if exc.errno == errno.ENOTDIR:
-        return error(f"{purpose} {path} cannot exist: a parent in the path is a file, not a directory", "check the path")
+        return error(
+            f"{purpose} {path} cannot exist: a parent in the path is a file, not a directory", "check the path"
+        )
     return error(f"cannot examine {purpose} {path}: {exc.strerror or exc}", "check the path and its permissions")
 
 
@@ -157,7 +160,9 @@ def confined_shard(index: Path, name: object) -> Path:
     if relative.is_absolute():
         raise WeightsError(f"{index} names shard {name!r} by an absolute path, not relative to its directory", fix)
     if ".." in relative.parts:
-        raise WeightsError(f"{index} names shard {name!r}, which leaves the index's directory {directory} with '..'", fix)
+        raise WeightsError(
+            f"{index} names shard {name!r}, which leaves the index's directory {directory} with '..'", fix
+        )
     shard = directory / relative
     root = os.path.realpath(directory)
     target = os.path.realpath(shard)

@@ -25,6 +25,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
+
 from surgery.errors import WeightsError
 from surgery.weights.header import TensorEntry, invalid_file
 from surgery.weights.paths import FileStamp, open_regular
@@ -63,8 +64,15 @@ class TensorFile:
         self.stamp = FileStamp.of(st)
         self._raw = io.FileIO(fd, "rb", closefd=True)
         self._scratch: tuple[torch.Tensor, memoryview] | None = None
-        # Mapped from this descriptor (never reopened by path), copy-on-write.
-        self._mapped = mmap_module.mmap(self._raw.fileno(), 0, access=mmap_module.ACCESS_COPY) if mmap else None
+        self._mapped = self._map() if mmap else None
+
+    def _map(self) -> mmap_module.mmap:
+        """The whole file, copy-on-write, from this descriptor (the path is never opened again)."""
+        try:
+            return mmap_module.mmap(self._raw.fileno(), 0, access=mmap_module.ACCESS_COPY)
+        except (OSError, ValueError) as exc:  # ValueError: the file became empty
+            self.close()
+            raise invalid_file(self.path, f"cannot be mapped: {exc}") from exc
 
     @property
     def mmap(self) -> bool:
@@ -79,7 +87,7 @@ class TensorFile:
             raise WeightsError(f"{self.path} changed while it was being read", _CHANGED_FIX)
 
     def _require_header_version(self, entry: TensorEntry) -> None:
-        if entry.stamp is not None and entry.stamp != self.stamp:
+        if entry.stamp != self.stamp and entry.stamp is not None:
             raise WeightsError(f"{self.path} changed after its header was read", _CHANGED_FIX)
 
     def mapped(self, entry: TensorEntry) -> torch.Tensor:
@@ -90,8 +98,8 @@ class TensorFile:
             # Nothing to map, or data not aligned to its element size (safetensors writers
             # align, but the format does not promise it): a copy is always safe.
             return self.copy(entry)
-        flat = torch.frombuffer(self._mapped, dtype=dtype, count=entry.nbytes // dtype.itemsize, offset=entry.offset)
-        return flat.view(entry.shape)
+        count = entry.nbytes // dtype.itemsize
+        return torch.frombuffer(self._mapped, dtype=dtype, count=count, offset=entry.offset).view(entry.shape)
 
     def copy(self, entry: TensorEntry) -> torch.Tensor:
         """The stored tensor, read into fresh storage of its own."""
