@@ -92,10 +92,9 @@ def _stream_source(view_stream: fx.Node, inputs: dict[str, fx.Node]) -> tuple[st
         if node.op == "call_module" and embedder is None:
             embedder = node.target
         stack.extend(node.all_input_nodes)
-    names = {node: name for name, node in inputs.items()}
-    for node in seen:
-        if node in names and isinstance(node.meta.get("example_value"), torch.Tensor):
-            return names[node], embedder
+    for name, node in inputs.items():  # in call order: the latent before the conditioning
+        if node in seen and isinstance(node.meta.get("example_value"), torch.Tensor):
+            return name, embedder
     return None, embedder
 
 
@@ -271,12 +270,34 @@ def _graft(new: nn.Module, rule: Rule, matches: list[Match], embedder_path: str 
     modules = rule.grafts(context)
     grafted = []
     for name, module in modules.items():
-        if hasattr(new, name):
-            raise GraftError(f"the model already has an attribute '{name}'", "rename the graft in the rule")
-        new.add_module(name, module)
+        _graft_parent(new, name, rule).add_module(name.rpartition(".")[2], module)
         parts = list(module.named_children()) if isinstance(module, nn.ModuleList) else [("", module)]
         for suffix, part in parts:
             params = dict(part.named_parameters(prefix=f"{name}.{suffix}" if suffix else name))
             grafted.append(Grafted(f"{name}.{suffix}" if suffix else name, sum(p.numel() for p in params.values()),
                                    {k: tuple(v.shape) for k, v in params.items()}))
     return grafted, modules
+
+
+def _graft_parent(model: nn.Module, path: str, rule: Rule) -> nn.Module:
+    """The module a graft at dotted ``path`` is added to (the model itself for a plain name)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = model
+    for part in parent_path.split(".") if parent_path else ():
+        parent = parent._modules.get(part) if isinstance(parent, nn.Module) else None
+        if parent is None:
+            raise GraftError(f"rule '{rule.name}' grafts '{path}', but the model has no module '{parent_path}'",
+                             "graft under a module the model has (a matched unit's path or its parent)")
+    if isinstance(parent, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        # Their forward (or the model's loop over them) would run the graft as one more layer.
+        raise GraftError(f"rule '{rule.name}' grafts '{path}' into the container '{parent_path}' "
+                         f"({type(parent).__name__}), which would run it as one more layer",
+                         "graft beside the container, under a module that calls its children by name")
+    if not name:
+        raise GraftError(f"rule '{rule.name}' grafts a module at the path {path!r}, which ends without a name",
+                         "key each graft by its dotted path, e.g. 'blocks.3.adapter'")
+    if hasattr(parent, name):
+        where = f"'{parent_path}'" if parent_path else "the model"
+        raise GraftError(f"rule '{rule.name}' grafts '{path}', but {where} already has an attribute '{name}'",
+                         "start from the base model, or rename the graft in the rule")
+    return parent

@@ -19,21 +19,38 @@ from .tracing.policy import TracePolicy
 
 
 class Where(enum.Enum):
-    """Where an action's code is inserted, relative to the matched units."""
+    """Where an action's code is inserted, relative to the matched units, and what its
+    return value (``None``: nothing) replaces.
+
+    * ``BEFORE_FIRST``: once, before the first match; the result is ignored (actions share
+      values through ``site.scratch``).
+    * ``BEFORE_EACH``: before each match; a result replaces the unit's input stream for the
+      unit only (other readers of that value keep the original).
+    * ``AFTER_EACH``: after each match; a result replaces the unit's output stream for every
+      later reader.
+    * ``REPLACE``: after each match; a result, shaped like ``site.output``, replaces the
+      unit's whole output, and the unit's own nodes that nothing reads any more are dropped
+      (except those with side effects, such as cache writes).
+    """
 
     BEFORE_FIRST = "before the first match"
+    BEFORE_EACH = "before each match"
     AFTER_EACH = "after each match"
+    REPLACE = "instead of each match"
 
 
 @dataclass
 class Site:
     """What an action sees at its insertion point.
 
-    ``stream`` is the unit's residual-stream input (``BEFORE_FIRST``) or output
-    (``AFTER_EACH``); ``arguments`` the unit's call arguments bound by name, ``required``
-    those without a default (what a cache-free call of the same unit needs); ``inputs``
-    the rule's own call inputs (``None`` when the caller gave none); ``model`` the model
-    whose modules the action may call; ``scratch`` is shared by the actions of one rewrite.
+    ``stream`` is the unit's stream input (its first argument: ``BEFORE_FIRST``,
+    ``BEFORE_EACH``, ``REPLACE``) or output (its first result: ``AFTER_EACH``); ``output`` the
+    unit's whole output (``AFTER_EACH``, ``REPLACE``; ``None`` before the unit);
+    ``arguments`` the unit's call arguments bound by name, ``required`` those without a
+    default (what a cache-free call of the same unit needs); ``inputs`` the rule's own call
+    inputs (``None`` when the caller gave none); ``model`` the model whose modules the action
+    may call, grafts included (``site.module(path)`` fetches one); ``scratch`` is shared by the
+    actions of one rewrite.
     """
 
     match: Match
@@ -43,6 +60,11 @@ class Site:
     inputs: dict[str, Any]
     model: nn.Module
     scratch: dict[str, Any] = field(default_factory=dict)
+    output: Any = None
+
+    def module(self, path: str) -> nn.Module:
+        """The model's module at dotted ``path`` (a graft such as ``blocks.3.ffn_adapter``)."""
+        return self.model.get_submodule(path)
 
 
 @dataclass
@@ -72,8 +94,12 @@ class Rule:
         pattern: what a unit looks like.
         expected: number of units the rule expects on a model (``None``, or a ``None``
             result for a model that declares no count: any, at least one).
+        count_option: the name of the rule's option that sets the expected count; a wrong
+            count's error tells the user to set it. ``None``: the rule has none.
         assign: gives each match its index for the actions (``None`` = not acted on).
-        grafts: builds the new modules, keyed by their top-level attribute name.
+        grafts: builds the new modules, keyed by their dotted path in the model
+            (``adapters`` on the root, ``blocks.3.ffn_adapter`` inside a block); each is
+            added under its parent, which must exist and must not have that name yet.
         actions: ``(where, code)`` pairs applied in order.
         inputs: the rule's extra call inputs and their defaults.
         check_call: validates and normalises the rule's inputs at call time.
@@ -102,3 +128,4 @@ class Rule:
     weight_prefixes: tuple[str, ...] = ()
     example: Callable[[Any, nn.Module], dict[str, Any]] | None = None
     bind: Callable[["Rule", nn.Module], "Rule"] | None = None
+    count_option: str | None = None

@@ -3,6 +3,12 @@
 A pattern is an ordered list of named checks. Each check looks at one traced call (its
 nodes, its stream input and output) and either passes or says why it failed, so a
 non-match can be explained by the first check that failed. Class names are never read.
+
+Two kinds of check exist. A *contains* check (``feed_forward``, ``self_attention``) passes
+when the structure occurs anywhere inside the call, so a block and the whole model both
+contain an FFN. An *is* check (``is_feed_forward``) passes only when the call's own
+dataflow from its input to its output is that structure, so only the FFN call itself passes.
+A pattern also says how its matches are selected (:attr:`Pattern.select`).
 """
 from __future__ import annotations
 
@@ -14,10 +20,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..errors import RuleError
 from ..tracing.tracer import ConcreteProxy, ModuleCall
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _ACTIVATIONS = (nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Mish)
+_ACTIVATION_FUNCTIONS = ("gelu", "silu", "relu")
 # Value-preserving steps a residual stream or an FFN may pass through: dtype and layout
 # casts (diffusers computes a block's residual adds in float32 and ends with
 # ``.type_as(x)``), and layers that are the identity in inference (``Dropout``).
@@ -51,6 +59,14 @@ class CallView:
         while isinstance(getattr(module, "base_layer", None), nn.Module):
             module = module.base_layer
         return module
+
+    def producer(self, node: fx.Node | None) -> fx.Node | None:
+        """The node ``node``'s value comes from, looking back through inference-time
+        identities (``Dropout``, ``Identity``) and dtype or layout casts."""
+        while node is not None and node.args and isinstance(node.args[0], fx.Node) \
+                and (_is_cast(node) or isinstance(self.module_of(node), _PASS_THROUGH)):
+            node = node.args[0]
+        return node
 
     def derived_from_stream(self) -> set[fx.Node]:
         """Nodes of this call that depend on the stream input."""
@@ -146,22 +162,68 @@ def cross_attention(view: CallView) -> str | None:
     return "no attention call that reads the block's tokens and an external [batch, tokens, dim] context"
 
 
+def _is_activation(view: CallView, node: fx.Node | None) -> bool:
+    return node is not None and (isinstance(view.module_of(node), _ACTIVATIONS) or (
+        node.op == "call_function" and getattr(node.target, "__name__", "") in _ACTIVATION_FUNCTIONS))
+
+
+def _inverse_linears(first: nn.Module | None, second: nn.Module | None) -> bool:
+    """Two Linears that map ``dim -> hidden -> dim``."""
+    return isinstance(first, nn.Linear) and isinstance(second, nn.Linear) \
+        and second.in_features == first.out_features and second.out_features == first.in_features
+
+
 def feed_forward(view: CallView) -> str | None:
+    """*Contains*: a ``Linear -> activation -> Linear`` somewhere on the call's stream."""
     stream = view.derived_from_stream()
     for node in view.nodes:
-        first = view.module_of(node)
-        if not isinstance(first, nn.Linear) or node not in stream:
+        if not isinstance(view.module_of(node), nn.Linear) or node not in stream:
             continue
         for act in node.users:
-            if not (isinstance(view.module_of(act), _ACTIVATIONS) or
-                    (act.op == "call_function" and getattr(act.target, "__name__", "") in ("gelu", "silu", "relu"))):
+            if not _is_activation(view, act):
                 continue
             for second_node in _past_identities(view, act):
-                second = view.module_of(second_node)
-                if isinstance(second, nn.Linear) and second.in_features == first.out_features \
-                        and second.out_features == first.in_features:
+                if _inverse_linears(view.module_of(node), view.module_of(second_node)):
                     return None
     return "no Linear -> activation -> Linear feed-forward on the block's tokens"
+
+
+def shape_preserving(view: CallView) -> str | None:
+    """The call takes a floating-point tensor first and returns a tensor of the same shape."""
+    x, y = _example(view.stream_in), _example(view.stream_out)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return "first argument is not a floating-point tensor"
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        return f"no output with the input's shape {tuple(x.shape)}"
+    return None
+
+
+def _first_input(node: fx.Node) -> fx.Node | None:
+    return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+
+
+def is_feed_forward(view: CallView) -> str | None:
+    """*Is*: the call computes exactly ``Linear -> activation -> Linear`` from its input to
+    its output (inference-time identities and casts aside).
+
+    The path is followed back from the output, so a block that merely contains an FFN (its
+    output is a residual add) fails, and so does the model holding the blocks.
+    """
+    inside = set(view.nodes)
+    second = view.producer(view.stream_out)
+    if second not in inside or not isinstance(view.module_of(second), nn.Linear):
+        return "the output is not computed by a Linear of this call"
+    act = view.producer(_first_input(second))
+    if act not in inside or not _is_activation(view, act):
+        return "the output Linear does not read an activation"
+    first = view.producer(_first_input(act))
+    if first not in inside or not isinstance(view.module_of(first), nn.Linear):
+        return "the activation does not read a Linear"
+    if view.producer(_first_input(first)) is not view.stream_in:
+        return "the first Linear does not read the call's input"
+    if not _inverse_linears(view.module_of(first), view.module_of(second)):
+        return "the two Linears do not map dim -> hidden -> dim"
+    return None
 
 
 def _past_identities(view: CallView, node: fx.Node) -> Iterable[fx.Node]:
@@ -173,12 +235,32 @@ def _past_identities(view: CallView, node: fx.Node) -> Iterable[fx.Node]:
             yield user
 
 
+#: How a pattern's matches are selected (see :class:`Pattern`).
+SELECTIONS = ("all", "chain")
+
+
 @dataclass(frozen=True)
 class Pattern:
-    """A named structural pattern: an ordered list of (name, check) pairs."""
+    """A named structural pattern: an ordered list of (name, check) pairs.
+
+    ``select`` says which of the calls that pass every check are the matches:
+
+    * ``"all"`` (default): every such call, at any depth, in execution order (every FFN
+      inside every block). Two matches of which one runs inside the other are an error:
+      the checks then say "contains" where they should say "is" (see the module docstring).
+    * ``"chain"``: the units of one residual chain: the calls at the outermost depth that
+      matches, then the longest run in which each call's output is the next one's input
+      (the blocks of a transformer).
+    """
 
     name: str
     checks: tuple[tuple[str, Check], ...]
+    select: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.select not in SELECTIONS:
+            raise RuleError(f"pattern '{self.name}' has select={self.select!r}",
+                            f"use one of {', '.join(map(repr, SELECTIONS))}")
 
     def evaluate(self, view: CallView) -> tuple[int, str | None, str | None]:
         """(checks passed, first failing check, its reason)."""
@@ -198,5 +280,16 @@ ATTENTION_BLOCK = Pattern(
         ("cross-attention", cross_attention),
         ("feed-forward", feed_forward),
     ),
+    select="chain",
 )
 """A residual unit holding self-attention, cross-attention and an FFN (a transformer block)."""
+
+FEED_FORWARD = Pattern(
+    "feed-forward unit",
+    (
+        ("tensor in and out", shape_preserving),
+        ("is Linear -> activation -> Linear", is_feed_forward),
+    ),
+)
+"""The call of a feed-forward module itself (``nn.Sequential(Linear, GELU, Linear)``, a
+diffusers ``FeedForward``): every one at any depth, one per block."""

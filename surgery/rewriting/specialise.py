@@ -15,16 +15,17 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
-from ..errors import TraceError
-from ..matching.matcher import Match, MatchResult, expect_count, find_chain
+from ..errors import RuleError, TraceError
+from ..matching.matcher import Match, MatchResult, expect_count, find_units
 from ..matching.pattern import CallView
 from ..rule import Rule, Site, Where
 from ..tracing.guards import GuardSet, evaluate, resolve_path, snapshot_state, tensor_kind
 from ..tracing.recheck import ShapeRecheck
 from ..tracing.tracer import ConcreteProxy, ExampleTracer, ModuleCall, Trace, tensor_names
 from ..tracing.twin import fake_inputs, fake_mode_of, fake_twin, new_fake_mode
-from .outline import find_instances, outlined_graph, template_function
+from .outline import _pure, find_instances, outlined_graph, template_function
 
 
 def input_kind(value: Any) -> tuple:
@@ -54,10 +55,11 @@ class Specialisation:
     leaf_calls: dict[str, list[str]] = field(default_factory=dict)
     replaced: dict[fx.Node, fx.Node] = field(default_factory=dict)  # injected value -> the value it replaced
     entry: str = "forward"  # the base method the graph was traced from
+    base: fx.Graph | None = None  # the base graph, kept only where the rule dropped nodes (Where.REPLACE)
 
     def base_graph(self) -> fx.Graph:
         """The graph as traced, before the rule's actions (see :func:`without_rule`)."""
-        return without_rule(self.graph, self.replaced)
+        return self.base if self.base is not None else without_rule(self.graph, self.replaced)
 
     def __call__(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
         return self.fn(model, model, *[inputs[name] for name in self.input_names])
@@ -83,19 +85,19 @@ def trace_base(model: nn.Module, base_cls: type, rule: Rule, inputs: dict[str, A
 
 
 def match(trace: Trace, twin: nn.Module, rule: Rule, model: nn.Module) -> MatchResult:
-    result = find_chain(trace, twin, rule.pattern)
+    result = find_units(trace, twin, rule.pattern)
     expected = rule.expected(model) if rule.expected is not None else None
     if expected is not None:
-        expect_count(result, rule.pattern, expected, rule.name)
+        expect_count(result, rule.pattern, expected, rule.name, rule.count_option)
     elif not result.matches:
-        expect_count(result, rule.pattern, 1, rule.name)
+        expect_count(result, rule.pattern, 1, rule.name, rule.count_option)
     count = len(result.matches)
     result.matches = [Match(m.name, m.cls, m.position, rule.assign(m.position, count)) for m in result.matches]
     return result
 
 
 def _site(view: CallView, match_: Match, stream: Any, tracer: ExampleTracer, rule: Rule,
-          twin: nn.Module, scratch: dict) -> Site:
+          twin: nn.Module, scratch: dict, output: Any = None) -> Site:
     signature = inspect.signature(type(view.call.module).forward)
     bound = signature.bind(view.call.module, *view.call.args, **view.call.kwargs)
     arguments = dict(list(bound.arguments.items())[1:])
@@ -104,7 +106,7 @@ def _site(view: CallView, match_: Match, stream: Any, tracer: ExampleTracer, rul
                 if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
                 and p.name in arguments}
     rule_inputs = {name: tracer.input_proxies.get(name) for name in rule.inputs}
-    return Site(match_, stream, arguments, required, rule_inputs, twin, scratch)
+    return Site(match_, stream, arguments, required, rule_inputs, twin, scratch, output)
 
 
 def rewrite(tracer: ExampleTracer, trace: Trace, result: MatchResult, rule: Rule,
@@ -119,24 +121,119 @@ def rewrite(tracer: ExampleTracer, trace: Trace, result: MatchResult, rule: Rule
             stream = view.call.args[0]
             with tracer.patched(action), graph.inserting_before(view.nodes[0]):
                 tracer.run(action, _site(view, match_, stream, tracer, rule, twin, scratch))
-        elif where is Where.AFTER_EACH:
-            for view, match_ in zip(result.views, result.matches):
+            continue
+        for view, match_ in zip(result.views, result.matches):
+            site = _Placed(graph, view, match_, rule, tracer, action)
+            if where is Where.AFTER_EACH:
                 out = view.call.output
                 stream = out[0] if isinstance(out, (tuple, list)) else out
-                before = set(graph.nodes)
-                with tracer.patched(action), graph.inserting_before(view.stream_out.next):
-                    replacement = tracer.run(action, _site(view, match_, stream, tracer, rule, twin, scratch))
-                if replacement is None:
-                    continue
-                created = set(graph.nodes) - before
-                for node in created:
-                    node.meta.setdefault("surgery", {"rule": rule.name, "role": "inject", "index": match_.hint_index})
-                view.stream_out.replace_all_uses_with(replacement.node, delete_user_cb=lambda user: user not in created)
-                replaced[replacement.node] = view.stream_out
-        else:  # pragma: no cover - enum is closed
-            raise TraceError(f"unknown action position {where}")
+                replacement = site.run(view.stream_out.next, _site(view, match_, stream, tracer, rule, twin, scratch,
+                                                                   out))
+                if replacement is not None:
+                    site.reroute(view.stream_out, replacement, replaced)
+            elif where is Where.BEFORE_EACH:
+                stream_in = site.stream_input()
+                replacement = site.run(site.unit_nodes()[0], _site(view, match_, view.call.args[0], tracer, rule,
+                                                                   twin, scratch))
+                if replacement is not None:
+                    site.reroute(stream_in, replacement, replaced, only=set(view.nodes))
+            elif where is Where.REPLACE:
+                site.stream_input()
+                replacement = site.run(site.unit_nodes()[-1].next, _site(view, match_, view.call.args[0], tracer,
+                                                                         rule, twin, scratch, view.call.output))
+                if replacement is not None:
+                    for old, new in site.output_pairs(replacement):
+                        site.reroute(old, new, replaced, keep=set(view.nodes))
+                    _drop_unused(graph, site.unit_nodes(), twin)
+            else:  # pragma: no cover - enum is closed
+                raise TraceError(f"unknown action position {where}")
     graph.lint()
     return replaced
+
+
+@dataclass
+class _Placed:
+    """One action at one matched unit: runs it at a place in the graph and rewires its result."""
+
+    graph: fx.Graph
+    view: CallView
+    match: Match
+    rule: Rule
+    tracer: ExampleTracer
+    action: Callable[[Site], Any]
+    created: set[fx.Node] = field(default_factory=set)
+
+    def unit_nodes(self) -> list[fx.Node]:
+        """The unit's nodes still in the graph, in graph order."""
+        nodes = [n for n in self.view.nodes if not n._erased]
+        if not nodes:
+            raise TraceError(f"rule '{self.rule.name}' acts inside {self.match.name}, whose call left no operations "
+                             "in the graph", "act after the unit (Where.AFTER_EACH) instead")
+        return nodes
+
+    def stream_input(self) -> fx.Node:
+        if self.view.stream_in is None:
+            raise TraceError(f"rule '{self.rule.name}' needs the input stream of {self.match.name}, whose first "
+                             "argument is not a traced value", "match units whose first argument is a tensor")
+        return self.view.stream_in
+
+    def run(self, before: fx.Node, site: Site) -> Any:
+        """The action's result, its code inserted before ``before`` (marked as injected when
+        it returns a value; otherwise :func:`finish` marks it as the rule's branch)."""
+        existing = set(self.graph.nodes)
+        with self.tracer.patched(self.action), self.graph.inserting_before(before):
+            result = self.tracer.run(self.action, site)
+        self.created = set(self.graph.nodes) - existing
+        if result is not None:
+            for node in self.created:
+                node.meta.setdefault("surgery", {"rule": self.rule.name, "role": "inject",
+                                                 "index": self.match.hint_index})
+        return result
+
+    def reroute(self, old: fx.Node, new: Any, replaced: dict[fx.Node, fx.Node], only: set | None = None,
+                keep: set = frozenset()) -> None:
+        """Readers of ``old`` read ``new`` instead: all but the action's own and ``keep``, or ``only`` those."""
+        if not isinstance(new, fx.Proxy):
+            raise RuleError(f"rule '{self.rule.name}' returned {type(new).__name__} at {self.match.name} where a "
+                            "traced value was replaced", "return a tensor computed from the site's values, or None")
+        if only is not None:
+            old.replace_all_uses_with(new.node, delete_user_cb=lambda user: user in only)
+        else:
+            old.replace_all_uses_with(new.node, delete_user_cb=lambda user: user not in self.created
+                                      and user not in keep)
+        replaced[new.node] = old
+
+    def output_pairs(self, replacement: Any) -> list[tuple[fx.Node, Any]]:
+        """(old output node, its replacement) for a result shaped like the unit's output."""
+        old_leaves, old_spec = pytree.tree_flatten(self.view.call.output)
+        new_leaves, new_spec = pytree.tree_flatten(replacement)
+        if old_spec != new_spec:
+            raise RuleError(f"rule '{self.rule.name}' replaced the output of {self.match.name} with a value of "
+                            f"another structure ({new_spec.num_leaves} values for {old_spec.num_leaves})",
+                            "return a value shaped like site.output")
+        pairs = []
+        for old, new in zip(old_leaves, new_leaves):
+            if isinstance(old, ConcreteProxy):
+                if not (isinstance(new, fx.Proxy) and new.node is old.node):  # kept as it was
+                    pairs.append((old.node, new))
+            elif new is not old:
+                raise RuleError(f"rule '{self.rule.name}' changed the constant {old!r} in the output of "
+                                f"{self.match.name}", "keep the values of site.output that are not tensors")
+        return pairs
+
+
+def _drop_unused(graph: fx.Graph, nodes: list[fx.Node], root: nn.Module) -> None:
+    """Erase the replaced unit's nodes that nothing reads and that have no side effects."""
+    for node in reversed(nodes):
+        if node.users:
+            continue
+        if node.op == "call_module":
+            # Built-in layers are pure; a model's own leaf may write a cache.
+            if not type(root.get_submodule(node.target)).__module__.startswith("torch.nn."):
+                continue
+        elif not _pure(node):
+            continue
+        graph.erase_node(node)
 
 
 def without_rule(graph: fx.Graph, replaced: dict[fx.Node, fx.Node]) -> fx.Graph:
@@ -150,6 +247,15 @@ def without_rule(graph: fx.Graph, replaced: dict[fx.Node, fx.Node]) -> fx.Graph:
         elif "surgery" not in node.meta:
             env[node] = copy.node_copy(node, env.__getitem__)
     prune_resolved(copy)  # values only the rule's nodes read
+    return copy
+
+
+def base_copy(graph: fx.Graph) -> fx.Graph:
+    """A pruned copy of the traced graph, for a rule whose actions erase base nodes (which
+    :func:`without_rule` cannot give back)."""
+    copy = fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    prune_resolved(copy)
     return copy
 
 
@@ -207,6 +313,7 @@ def finish(model: nn.Module, tracer: ExampleTracer, trace: Trace, result: MatchR
     """Apply the rule's actions to a traced, matched graph, compile it and record its guards."""
     started = time.perf_counter()
     before = set(trace.graph.nodes)
+    base = base_copy(trace.graph) if any(where is Where.REPLACE for where, _ in rule.actions) else None
     replaced = rewrite(tracer, trace, result, rule, twin)
     for node in trace.graph.nodes:
         if node not in before and "surgery" not in node.meta:
@@ -229,13 +336,14 @@ def finish(model: nn.Module, tracer: ExampleTracer, trace: Trace, result: MatchR
         shape_specific=tracer.shape_specific,
     )
     return Specialisation(guards, trace.graph, code, fn, list(trace.inputs), result.matches, trace_s, rewrite_s,
-                          dict(tracer.leaf_calls), replaced)
+                          dict(tracer.leaf_calls), replaced, base=base)
 
 
 def add_modules(tracer: ExampleTracer, twin: nn.Module, modules: dict[str, nn.Module]) -> None:
     """Make freshly grafted modules visible to an ongoing trace (as fake twins)."""
     mode = fake_mode_of(twin)
     for name, module in modules.items():
-        twin.add_module(name, fake_twin(module, mode))
+        parent, _, leaf = name.rpartition(".")  # a graft may live inside a block
+        twin.get_submodule(parent).add_module(leaf, fake_twin(module, mode))
     tracer.submodule_paths = {mod: name for name, mod in twin.named_modules()}
     tracer._param_names = tensor_names(twin)

@@ -540,7 +540,7 @@ class ExampleTracer(fx.Tracer):
                     for key, value in stack.items()}
             self._created.append(copy_)
             env[node] = copy_
-        call = ModuleCall(qualname, module, args, kwargs, depth=source.depth, index=len(self.calls),
+        call = ModuleCall(qualname, module, args, kwargs, depth=len(self.module_stack), index=len(self.calls),
                           template=source.template or source)
         call.nodes = [env[n] for n in source.nodes]
         call.output = _map_proxies(source.output, lambda p: _clone_proxy(p, env.get(p.node, p.node), self))
