@@ -21,6 +21,7 @@ from rich.table import Table
 
 from surgery.cli import render
 from surgery.cli.loading import (
+    BaseLoader,
     BuildOptions,
     LoadedModel,
     ModelSource,
@@ -34,10 +35,10 @@ from surgery.cli.loading import (
 )
 from surgery.cli.memory import memory_guard
 from surgery.cli.preflight import check_device, check_output_file, check_report, check_weights, torch_dtype
-from surgery.cli.weights import check_key_map_name
+from surgery.cli.safetensors_out import write_safetensors
+from surgery.cli.weights import BaseFile, base_file, base_rows, check_key_map_name
 from surgery.errors import InputError, SurgeryError
 from surgery.reports.diff import compare_to_golden, read_golden, write_golden
-from surgery.reports.files import atomic_write_bytes
 from surgery.reports.report import build_report, golden_section, normalise_validation, render_markdown, summary_line, write_report
 
 #: Where ``surgery diff`` finds built-in goldens: ``<repo>/tests/goldens/<model>.graph.txt``.
@@ -56,7 +57,8 @@ class ApplyOptions:
     set: list[str] = field(default_factory=list)
     size: str | None = None
     weights: str | None = None
-    key_map: str | None = None  # a name in the rule's key_maps, for --weights
+    key_map: str | None = None  # a name in the rule's key_maps, for --weights and --base-weights
+    base_weights: str | None = None  # the base model's checkpoint, when --weights holds only the VACE branch
     lora: str | None = None
     lora_scale: float | None = None  # None: 1.0
     lora_key_map: str | None = None
@@ -93,6 +95,7 @@ class Backend:
 
     ``apply(model, rule, example_inputs=..., dry_run=...)`` -> ``ApplyResult``;
     ``load_weights(module, path, rule, key_map_name)`` -> an object with ``as_rows()`` (or ``None``);
+    ``load_base(model, path, rule, key_map_name)``: the same for the base model's weights, before surgery;
     ``validation_cases(loaded, result)`` -> cases, each with ``name`` and ``run()``
     returning an object or mapping with ``max_abs_diff``, ``passed``, ``tolerance``;
     ``load_lora(module, path, rule, scale, key_map_name)`` -> an object with ``as_rows()``.
@@ -103,10 +106,13 @@ class Backend:
     load_weights: Callable[[Any, str, Any, "str | None"], Any]
     validation_cases: Callable[[LoadedModel, Any], Sequence[Any]]
     load_lora: Callable[[Any, str, Any, float, "str | None"], Any] = field(default=None)  # type: ignore[assignment]
+    load_base: Callable[[Any, str, Any, "str | None"], Any] = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.load_lora is None:
             self.load_lora = _engine_load_lora
+        if self.load_base is None:
+            self.load_base = _engine_load_base
 
 
 def _engine_apply(model: Any, rule: Any, *, example_inputs: Any, dry_run: bool) -> Any:
@@ -119,6 +125,12 @@ def _engine_load_weights(module: Any, path: str, rule: Any, key_map_name: str | 
     from surgery.cli.weights import load_weights
 
     return load_weights(module, path, rule, key_map_name)
+
+
+def _engine_load_base(model: Any, path: str, rule: Any, key_map_name: str | None) -> Any:
+    from surgery.cli.weights import load_base
+
+    return load_base(model, path, rule, key_map_name)
 
 
 def _engine_load_lora(module: Any, path: str, rule: Any, scale: float, key_map_name: str | None) -> Any:
@@ -140,7 +152,7 @@ def _engine_validation_cases(loaded: LoadedModel, result: Any) -> Sequence[Any]:
 def engine_backend() -> Backend:
     """The real engine."""
     return Backend(apply=_engine_apply, load_weights=_engine_load_weights, validation_cases=_engine_validation_cases,
-                   load_lora=_engine_load_lora)
+                   load_lora=_engine_load_lora, load_base=_engine_load_base)
 
 
 def _print_result(out: Console, result: Any) -> None:
@@ -189,18 +201,13 @@ def save_grafted(module: Any, grafted: Sequence[Any], path: str | Path, rule_nam
     """Write the grafted modules' tensors (native keys, e.g. ``vace_blocks.0.*``) to a safetensors file.
 
     The file is what ``--weights`` reads back; the base model's weights are not repeated.
+    Tensors are streamed to the file from their own memory: saving adds no copy of the branch.
     """
-    from safetensors.torch import save
-
     prefixes = tuple(f"{g.name}." for g in grafted)
-    tensors = {
-        key: value.detach().to("cpu").contiguous().clone()
-        for key, value in module.state_dict().items()
-        if key.startswith(prefixes)
-    }
+    tensors = {key: value for key, value in module.state_dict().items() if key.startswith(prefixes)}
     if not tensors:
         raise InputError(f"nothing to save to {path}: the rule grafted no tensors", "drop --save")
-    return atomic_write_bytes(path, save(tensors, metadata={"format": "pt", "surgery_rule": rule_name}))
+    return write_safetensors(path, tensors, metadata={"format": "pt", "surgery_rule": rule_name})
 
 
 def _plain(text: str) -> str:
@@ -256,40 +263,74 @@ def _check_combinations(opts: ApplyOptions) -> None:
     """Options that only make sense together (or never together)."""
     if opts.dry_run:
         for flag, given in (("--validate", opts.validate), ("--save", opts.save), ("--weights", opts.weights),
-                            ("--lora", opts.lora)):
+                            ("--base-weights", opts.base_weights), ("--lora", opts.lora)):
             if given:
                 raise InputError(f"{flag} needs the rewritten model, which --dry-run does not build",
                                  f"drop --dry-run or {flag}")
-    if opts.key_map is not None and not opts.weights:
+    if opts.key_map is not None and not (opts.weights or opts.base_weights):
         raise _needs("--key-map", "--weights")
     for flag, given in (("--lora-scale", opts.lora_scale), ("--lora-key-map", opts.lora_key_map)):
         if given is not None and not opts.lora:
             raise _needs(flag, "--lora")
 
 
-def _print_load(out: Console, title: str, load_report: Any) -> None:
+def _print_load(out: Console, title: str, load_report: Any, rows: Callable[[Any], Any] | None = None) -> None:
     if load_report is not None and hasattr(load_report, "as_rows"):
-        out.print(render.rows_table(title, load_report.as_rows()))
+        out.print(render.rows_table(title, rows(load_report) if rows else load_report.as_rows()))
+
+
+def _base_needed(opts: ApplyOptions, source: ModelSource, base: BaseFile | None) -> None:
+    """Validation reads the base model's values: at real sizes they must come from a file."""
+    if opts.validate and base is None and source.builtin and source.size != "tiny":
+        raise InputError(f"validating {source.name} at --size {source.size} needs the base model's weights, and "
+                         "random ones are made only at --size tiny",
+                         "pass a full checkpoint (base and VACE keys) to --weights, or the base model's checkpoint "
+                         "to --base-weights; or drop --validate")
+
+
+def _base_loader(backend: Backend, base: BaseFile | None, rule: Any, map_name: str | None) -> BaseLoader | None:
+    """Loads the base weights into the model before surgery (``None`` when no file holds them)."""
+    if base is None:
+        return None
+
+    def load(model: Any) -> Any:
+        with memory_guard(f"to load the base weights from {base.flag} {base.path}",
+                          "free memory, or build the model in a narrower --dtype"):
+            return backend.load_base(model, base.path, rule, map_name)
+
+    return load
+
+
+def _dtype_name(given: str | None, source: ModelSource, base: BaseFile | None) -> str | None:
+    """``--dtype``, else for a built-in model the dtype its base checkpoint stores (loading never widens it)."""
+    if given is not None or not source.builtin or base is None or base.dtype is None:
+        return given
+    return str(base.dtype).removeprefix("torch.")
 
 
 def run_apply(opts: ApplyOptions, backend: Backend | None = None) -> int:
     """``surgery apply``: rewrite MODEL by rule, optionally load weights, validate, save, load a LoRA and report.
 
     Every option and path is checked before the model is built. The order is the API's,
-    Base -> VACE -> LoRA: surgery, ``--weights``, validation and ``--save`` (of the grafted
-    VACE weights), then ``--lora`` into the rewritten model.
+    Base -> VACE -> LoRA: the base weights (``--base-weights``, or the base keys of a full
+    checkpoint given to ``--weights``) into the base model, surgery, the VACE weights of
+    ``--weights``, validation and ``--save`` (of the grafted VACE weights), then ``--lora``
+    into the rewritten model.
     """
     _check_combinations(opts)
     if opts.weights:
         check_weights(opts.weights)
+    if opts.base_weights:
+        check_weights(opts.base_weights, "base weights")
     if opts.lora:
         check_weights(opts.lora, "LoRA")
     if opts.save:
         check_output_file(opts.save)
     if opts.report:
         check_report(opts.report)
-    build = build_options(opts.seed, opts.dtype, opts.device)
+    base = base_file(opts.weights, opts.base_weights)
     source = resolve_model(opts.model, opts.size)
+    build = build_options(opts.seed, _dtype_name(opts.dtype, source, base), opts.device)
     rule = build_rule(opts.rule, opts.set, source)
     check_key_map_name(rule, opts.key_map, "--key-map")
     check_key_map_name(rule, opts.lora_key_map, "--lora-key-map")
@@ -298,8 +339,12 @@ def run_apply(opts: ApplyOptions, backend: Backend | None = None) -> int:
     if opts.validate is None:
         # The main job (`surgery apply longlive`) validates; large sizes and factories opt in.
         opts.validate = not opts.dry_run and source.builtin and source.size == "tiny"
+    _base_needed(opts, source, base)
     need_values = bool(opts.validate or opts.save or opts.weights or opts.lora)
-    loaded = load_model(opts.model, size=opts.size, need_values=need_values, build=build)
+    loaded = load_model(opts.model, size=opts.size, need_values=need_values, build=build,
+                        base=_base_loader(backend, base, rule, opts.key_map))
+    if base is not None:
+        _print_load(out, f"Base weights: {base.path}", loaded.base_load, base_rows)
     # A rule that adapts to the model's family knows that family's key maps only now.
     check_key_map_name(rule, opts.key_map, "--key-map", loaded.model)
     check_key_map_name(rule, opts.lora_key_map, "--lora-key-map", loaded.model)

@@ -5,6 +5,12 @@ MODEL is either a built-in example name (a key of ``examples.PIPELINES``) or
 Surgery traces one call of the model, so a factory that returns only a model must return
 an instance of a built-in model class (its call is known) or say how to call it.
 
+A built-in model gets random weights only at ``--size tiny``. Otherwise it is built on the
+``meta`` device (no initialisation runs, nothing is allocated) and then either traced as it
+is, given its base weights from a checkpoint (assigned, never copied twice), or, where only
+storage matters (saving the grafted branch, loading VACE weights), given zero pages that
+cost no memory until written: surgery itself never reads the base model's values.
+
 ``--dtype``/``--device`` build a built-in model in that dtype on that device (its example
 inputs follow the model); a factory receives them as its ``dtype=``/``device=`` keyword
 arguments and must return a model that has them. The built-in models and the rules are the
@@ -52,10 +58,15 @@ class LoadedModel:
     example_inputs: tuple[tuple, dict] | None
     pipeline: Any = None  # examples PipelineSpec for built-in models, else None
     size: str | None = None
+    base_load: Any = None  # what the base-weights loader returned, when the base came from a file
 
     @property
     def builtin(self) -> bool:
         return self.pipeline is not None
+
+
+#: Fills a model's base weights (e.g. from a checkpoint) and returns a load report.
+BaseLoader = Callable[[nn.Module], Any]
 
 
 @dataclass(frozen=True)
@@ -94,17 +105,34 @@ def _example_call(model: nn.Module, pipeline: Any, seed: int) -> tuple[tuple, di
     return tuple(args), dict(kwargs)
 
 
-def _load_builtin(source: ModelSource, build: BuildOptions, need_values: bool) -> LoadedModel:
+def _with_storage(model: nn.Module, device: torch.device) -> None:
+    """Zero pages for every parameter and buffer of a meta-built model (no memory until written)."""
+    from surgery.grafting.build import allocate
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    allocate(model, device=device, dtype=dtype)
+
+
+def _load_builtin(source: ModelSource, build: BuildOptions, need_values: bool, base: BaseLoader | None) -> LoadedModel:
     size = source.size or "tiny"
-    # Real sizes are built on the meta device unless weights are actually needed: tracing
-    # and matching never read values, and a random 14B model needs ~56 GB.
-    init = "random" if size == "tiny" or need_values else "meta"
+    device = build.device or torch.device("cpu")
+    # Random weights only at tiny size, and only when no file provides the base: at real sizes a
+    # random init costs minutes and the model's size in memory, and nothing reads those values.
+    random = size == "tiny" and base is None
     with memory_guard(f"to build {source.name} at --size {size} and its example inputs",
                       "use a smaller --size (tiny is the default), or free memory"):
-        model = source.pipeline.build(size=size, seed=build.seed, init=init, device=build.device or "cpu",
-                                      dtype=build.dtype or torch.float32)
+        model = source.pipeline.build(size=size, seed=build.seed, init="random" if random else "meta",
+                                      device=device, dtype=build.dtype or torch.float32)
+        base_load = None
+        if base is not None:
+            base_load = base(model)  # meta tensors become the file's values, on the CPU
+            if device.type != "cpu":
+                model.to(device)
+        elif need_values and not random:
+            _with_storage(model, device)
         inputs = _example_call(model, source.pipeline, build.seed)
-    return LoadedModel(name=source.name, model=model, example_inputs=inputs, pipeline=source.pipeline, size=size)
+    return LoadedModel(name=source.name, model=model, example_inputs=inputs, pipeline=source.pipeline, size=size,
+                       base_load=base_load)
 
 
 def _pipeline_modules() -> dict[str, str]:
@@ -200,7 +228,7 @@ def _same_device(have: torch.device, want: torch.device) -> bool:
     return have.type == want.type and (want.index is None or have.index == want.index)
 
 
-def _load_factory(spec: str, build: BuildOptions) -> LoadedModel:
+def _load_factory(spec: str, build: BuildOptions, base: BaseLoader | None) -> LoadedModel:
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -236,9 +264,10 @@ def _load_factory(spec: str, build: BuildOptions) -> LoadedModel:
         raise InputError(f"{spec} is a {type(target).__name__}, not a model factory", "point MODEL at a function that returns a model")
     model, inputs = _split_example(value, spec)
     _check_built(model, spec, build)
+    base_load = base(model) if base is not None else None
     if inputs is None:
         inputs = _derived_inputs(model, spec, build.seed)
-    return LoadedModel(name=spec, model=model, example_inputs=inputs)
+    return LoadedModel(name=spec, model=model, example_inputs=inputs, base_load=base_load)
 
 
 def resolve_model(spec: str, size: str | None = None) -> ModelSource:
@@ -261,11 +290,15 @@ def resolve_model(spec: str, size: str | None = None) -> ModelSource:
 
 
 def load_model(spec: str, size: str | None = None, seed: int = 0, need_values: bool = True,
-               build: BuildOptions | None = None) -> LoadedModel:
+               build: BuildOptions | None = None, base: BaseLoader | None = None) -> LoadedModel:
     """Build the model named by the CLI's MODEL argument, with example inputs for one call.
 
     ``need_values=False`` lets built-in models at real sizes (1.3B, 14B) live on the meta
-    device (enough for tracing, matching and graph diffs). ``build`` (seed, dtype, device)
+    device (enough for tracing, matching and graph diffs); ``True`` gives them storage: zero
+    pages (no memory until written). At tiny size a built-in model always has random weights. ``base(model)``
+    fills the base weights instead (e.g. from a checkpoint), before the example inputs are
+    made; a built-in model is then built on meta and never initialised, and what ``base``
+    returns is kept as ``base_load``. ``build`` (seed, dtype, device)
     replaces ``seed`` when given. Raises :class:`InputError` for an unknown name, an
     unimportable module, a factory that does not return a model (or not in the dtype and on
     the device it was given, or that takes no dtype/device argument when one was given), a
@@ -275,8 +308,8 @@ def load_model(spec: str, size: str | None = None, seed: int = 0, need_values: b
     build = build or BuildOptions(seed=seed)
     source = resolve_model(spec, size)
     if source.builtin:
-        return _load_builtin(source, build, need_values)
-    return _load_factory(spec, build)
+        return _load_builtin(source, build, need_values, base)
+    return _load_factory(spec, build, base)
 
 
 def parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -345,6 +378,7 @@ def build_rule(name: str, settings: Sequence[str], loaded: LoadedModel | ModelSo
 
 __all__ = [
     "SIZES",
+    "BaseLoader",
     "BuildOptions",
     "LoadedModel",
     "ModelSource",

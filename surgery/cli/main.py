@@ -116,10 +116,14 @@ def _model_and_rule(parser: argparse.ArgumentParser) -> None:
 
 def _weights_and_lora(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", metavar="PATH",
-                        help="load the grafted branch's weights (safetensors file, index or directory)")
+                        help="load the grafted branch's weights (safetensors file, index or directory); a full "
+                             "checkpoint (base and VACE keys) loads the base model's weights too")
+    parser.add_argument("--base-weights", metavar="PATH",
+                        help="load the base model's weights from PATH before surgery (when --weights holds only "
+                             "the grafted branch)")
     parser.add_argument("--key-map", metavar="NAME",
-                        help="rename the --weights keys with the rule's key map NAME, e.g. diffusers "
-                             "(see `surgery rules`)")
+                        help="rename the --weights (and --base-weights) keys with the rule's key map NAME, e.g. "
+                             "diffusers (see `surgery rules`)")
     parser.add_argument("--lora", metavar="FILE",
                         help="load a LoRA safetensors file into the rewritten model, after --weights "
                              "(Base -> VACE -> LoRA), after validation and --save")
@@ -195,7 +199,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("apply", "validate"):
         opts = commands.ApplyOptions(
             model=args.model, rule=args.rule, set=list(args.set), size=args.size, weights=args.weights,
-            key_map=args.key_map, lora=args.lora, lora_scale=args.lora_scale, lora_key_map=args.lora_key_map,
+            base_weights=args.base_weights, key_map=args.key_map, lora=args.lora, lora_scale=args.lora_scale,
+            lora_key_map=args.lora_key_map,
             validate=getattr(args, "validate", None), dry_run=getattr(args, "dry_run", False),
             report=args.report, save=args.save, seed=args.seed, dtype=args.dtype, device=args.device,
             debug=args.debug,

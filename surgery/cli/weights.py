@@ -1,4 +1,9 @@
-"""``--weights``/``--key-map`` and ``--lora``/``--lora-scale``/``--lora-key-map``: files into the rewritten model.
+"""``--base-weights``, ``--weights``/``--key-map`` and ``--lora``/``--lora-scale``/``--lora-key-map``: files into the model.
+
+The base model's weights come from ``--base-weights`` or from a full checkpoint given to
+``--weights`` (base and VACE keys in one file); which one is decided from the headers before
+any work (:func:`base_file`), and they load into the base model before surgery
+(:func:`load_base`): Base -> VACE -> LoRA.
 
 A key map is named on the command line (``--key-map diffusers``) and looked up in the
 rule's ``key_maps``; a rule that adapts to the model's family (``Rule.bind``) may offer
@@ -9,8 +14,10 @@ maps makes the file fit, that map.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
+import torch
 from torch import nn
 
 from surgery.errors import InputError, WeightsError
@@ -39,11 +46,17 @@ def check_key_map_name(rule: Any, name: str | None, flag: str, model: nn.Module 
     if bind is not None and model is None:
         return
     if bind is not None:
-        maps = dict(bind(rule, model).key_maps or {})
+        maps = dict(bound_rule(rule, model).key_maps or {})
         if name in maps:
             return
     raise InputError(f"{flag} {name!r} is not a key map of rule {rule.name}"
                      + (" for this model" if bind is not None else ""), _known(maps, rule.name))
+
+
+def bound_rule(rule: Any, model: nn.Module) -> Any:
+    """``rule`` adapted to ``model``'s family (``Rule.bind``), as ``apply`` will adapt it; itself if it does not adapt."""
+    bind = getattr(rule, "bind", None)
+    return bind(rule, model) if bind is not None else rule
 
 
 def key_map(rule: Any, name: str | None) -> Any:
@@ -64,6 +77,13 @@ def _vace_fits(module: nn.Module, names: list[str], table: Any) -> bool:
     selection = select_keys(names, strip_prefixes=DEFAULT_STRIP_PREFIXES, key_map=table,
                             keep_prefixes=DEFAULT_VACE_PREFIXES)
     return bool(wanted) and set(selection.selected) == wanted
+
+
+def _base_fits(module: nn.Module, names: list[str], table: Any) -> bool:
+    from surgery.weights import DEFAULT_VACE_PREFIXES, base_keys
+
+    wanted = {k for k in module.state_dict() if not k.startswith(DEFAULT_VACE_PREFIXES)}
+    return bool(wanted) and set(base_keys(names, key_map=table)) == wanted
 
 
 def _lora_fits(module: nn.Module, names: list[str], table: Any) -> bool:
@@ -108,6 +128,68 @@ def load_weights(module: nn.Module, path: str, rule: Any, map_name: str | None) 
         raise _for_the_command_line(error, rule, module, path, "--key-map", _vace_fits) from error
 
 
+@dataclass(frozen=True)
+class BaseFile:
+    """The file the base model's weights come from, known from headers alone (before any work)."""
+
+    path: str
+    flag: str  # the option that named it: --weights (a full checkpoint) or --base-weights
+    tensors: int  # base tensors in it
+    dtype: torch.dtype | None  # the dtype all of them are stored in (float32, bfloat16, float16), else None
+
+
+def base_file(weights: str | None, base_weights: str | None) -> BaseFile | None:
+    """``--base-weights``, or ``--weights`` when it is a full checkpoint (base keys besides VACE ones), or ``None``.
+
+    Read from headers without a key map: the rule's maps rename keys inside a layer, never the
+    VACE branch's prefixes, so the base keys are the same before and after mapping. Refuses a
+    ``--base-weights`` file without base keys, and two files that both hold a base.
+    """
+    from surgery.weights import base_dtype, base_keys, resolve_checkpoint
+
+    def base_of(path: str) -> list[Any]:
+        entries = resolve_checkpoint(path)
+        return [entries[name] for name in base_keys(entries).values()]
+
+    full = base_of(weights) if weights else []
+    if base_weights is None:
+        return BaseFile(weights, "--weights", len(full), base_dtype(full)) if weights and full else None
+    base = base_of(base_weights)
+    if not base:
+        raise WeightsError(f"--base-weights {base_weights} holds no base-model weights, only VACE keys",
+                           "pass the base model's checkpoint to --base-weights, and this file to --weights")
+    if full:
+        raise InputError(f"--weights {weights} is a full checkpoint ({len(full)} base tensors besides its VACE keys) "
+                         f"and --base-weights {base_weights} holds a base too",
+                         "drop --base-weights to load base and VACE from --weights, or pass a VACE-only file to "
+                         "--weights")
+    return BaseFile(base_weights, "--base-weights", len(base), base_dtype(base))
+
+
+def load_base(module: nn.Module, path: str, rule: Any, map_name: str | None) -> Any:
+    """``load_base_weights`` into the base model, before surgery, with the named key map of the rule adapted to it."""
+    from surgery.weights import load_base_weights
+
+    rule = bound_rule(rule, module)
+    try:
+        return load_base_weights(module, path, key_map=key_map(rule, map_name))
+    except WeightsError as error:
+        if map_name is not None:
+            raise
+        raise _for_the_command_line(error, rule, module, path, "--key-map", _base_fits) from error
+
+
+#: The load report's rows that describe a VACE load, relabelled (or dropped) for a base load.
+_BASE_LABELS = {"tensors ignored (non-VACE)": "tensors left for the VACE branch", "vace_in_dim": None,
+                "VACE blocks": None}
+
+
+def base_rows(report: Any) -> list[tuple[str, str]]:
+    """The rows of a base load's report for the CLI table."""
+    rows = [(_BASE_LABELS.get(label, label), value) for label, value in report.as_rows()]
+    return [(label, value) for label, value in rows if label is not None]
+
+
 def load_lora(module: nn.Module, path: str, rule: Any, scale: float, map_name: str | None) -> Any:
     """``load_lora_file`` (adapter ``default``) with the named key map."""
     from surgery.lora import load_lora_file
@@ -120,4 +202,5 @@ def load_lora(module: nn.Module, path: str, rule: Any, scale: float, map_name: s
         raise _for_the_command_line(error, rule, module, path, "--lora-key-map", _lora_fits) from error
 
 
-__all__ = ["check_key_map_name", "key_map", "load_lora", "load_weights"]
+__all__ = ["BaseFile", "base_file", "base_rows", "bound_rule", "check_key_map_name", "key_map", "load_base", "load_lora",
+           "load_weights"]

@@ -15,9 +15,12 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import BinaryIO, Callable, Iterable, Mapping
 
 from surgery.errors import ReportError
+
+#: Writes a file's content into an open binary handle (for content too large to build as bytes).
+Writer = Callable[[BinaryIO], None]
 
 
 def _fix_for(directory: Path) -> str:
@@ -127,15 +130,19 @@ def _target_mode(path: Path) -> int:
         return 0o666 & ~umask
 
 
-def _stage(path: Path, data: bytes) -> Path:
-    """Write ``data`` to a fsynced temporary file next to ``path``; return the temp path."""
+def _stage(path: Path, data: bytes | Writer) -> Path:
+    """Write ``data`` (bytes, or a writer called with the handle) to a fsynced temporary file next to
+    ``path``; return the temp path."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             if hasattr(os, "fchmod"):
                 # mkstemp creates 0600 files; a report or golden should look like any other file.
                 os.fchmod(handle.fileno(), _target_mode(path))
-            handle.write(data)
+            if callable(data):
+                data(handle)
+            else:
+                handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
     except BaseException:
@@ -178,7 +185,7 @@ def _roll_back(replaced: list[Path], backups: dict[Path, Path | None]) -> None:
             pass
 
 
-def atomic_write_many(files: Mapping[str | os.PathLike[str], str | bytes]) -> list[Path]:
+def atomic_write_many(files: Mapping[str | os.PathLike[str], str | bytes | Writer]) -> list[Path]:
     """Write several files so that either all of them have their complete new content or none changed.
 
     Every file is staged first; replacement starts only once all temporaries are on disk.
@@ -187,7 +194,8 @@ def atomic_write_many(files: Mapping[str | os.PathLike[str], str | bytes]) -> li
     :class:`ReportError` naming the directory and the fix; no temporary is left behind on
     failure. Returns the final paths.
     """
-    targets = [(Path(p), data.encode("utf-8") if isinstance(data, str) else bytes(data)) for p, data in files.items()]
+    targets = [(Path(p), data.encode("utf-8") if isinstance(data, str) else data if callable(data) else bytes(data))
+               for p, data in files.items()]
     staged: list[tuple[Path, Path]] = []
     backups: dict[Path, Path | None] = {}
     replaced: list[Path] = []
@@ -234,4 +242,10 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return atomic_write_many({path: data})[0]
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_many", "atomic_write_text", "check_writable", "path_kind"]
+def atomic_write_stream(path: str | os.PathLike[str], write: Writer) -> Path:
+    """Atomically write what ``write(handle)`` writes to ``path`` (large files, never held in memory whole)."""
+    return atomic_write_many({path: write})[0]
+
+
+__all__ = ["Writer", "atomic_write_bytes", "atomic_write_many", "atomic_write_stream", "atomic_write_text",
+           "check_writable", "path_kind"]

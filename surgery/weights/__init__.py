@@ -1,4 +1,6 @@
-"""Loading VACE-branch weights from safetensors checkpoints (see :func:`load_vace_weights`)."""
+"""Loading VACE-branch weights from safetensors checkpoints (see :func:`load_vace_weights`), and a
+base model's weights from a base or full checkpoint (:func:`load_base_weights`)."""
+from surgery.weights.base import base_dtype, base_keys, load_base_weights
 from surgery.weights.files import PICKLE_SUFFIXES, TensorEntry, read_header, resolve_checkpoint
 from surgery.weights.keys import KeyMap, KeyRule, apply_key_map, compile_key_map, strip_prefix
 from surgery.weights.loader import DEFAULT_STRIP_PREFIXES, DEFAULT_VACE_PREFIXES, load_vace_weights
@@ -14,7 +16,10 @@ __all__ = [
     "PICKLE_SUFFIXES",
     "TensorEntry",
     "apply_key_map",
+    "base_dtype",
+    "base_keys",
     "compile_key_map",
+    "load_base_weights",
     "load_vace_weights",
     "read_header",
     "require_regular_file",

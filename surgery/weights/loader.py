@@ -110,10 +110,10 @@ def _module_slots(module: nn.Module, prefixes: Sequence[str]) -> dict[str, _Slot
 
 
 def _fit_error(missing: list[str], unexpected: list[str], shapes: list[str], files: Sequence[str],
-               layout_fix: Callable[[], str | None]) -> WeightsError:
+               layout_fix: Callable[[], str | None], part: str = "VACE") -> WeightsError:
     parts = []
     if missing:
-        parts.append(f"{len(missing)} VACE keys missing from the file ({_listing(missing)})")
+        parts.append(f"{len(missing)} {part} keys missing from the file ({_listing(missing)})")
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected keys in the file ({_listing(unexpected)})")
     if shapes:
