@@ -95,7 +95,7 @@ def evaluate(dep: Dep, inputs: dict[str, Any], model: nn.Module) -> Any:
 
 
 def describe(dep: Dep) -> str:
-    """A dependency as the user wrote it: ``torch.is_grad_enabled()``, ``kv_cache[0]['k']``."""
+    """A dependency as the user wrote it: ``torch.is_grad_enabled()``, ``cache[0]['k']``."""
     source, where, kind = dep
     if source == "grad":
         return "torch.is_grad_enabled()"
@@ -161,6 +161,10 @@ class GuardSet:
     shapes: dict[tuple, tuple] = field(default_factory=dict)
     recheck: Any = None  # a surgery.tracing.recheck.ShapeRecheck
     shape_specific: str | None = None
+    #: The ``module.compile()`` call of each traced-through module (``None``: not compiled).
+    #: Generated code calls a compiled module as a module, so compiling or uncompiling one
+    #: needs a new graph.
+    compiled: dict[str, Any] = field(default_factory=dict)
     accepted: set = field(default_factory=set, repr=False, compare=False)
     rechecked: int = 0
     _grouped: dict | None = field(default=None, repr=False, compare=False)
@@ -199,7 +203,14 @@ class GuardSet:
                 actual = _state_token(values.get(attr, _MISSING))
                 if actual != expected:
                     return f"{qualname or '<root>'}.{attr}: {actual!r} != {expected!r}"
-        self._unchanged = UnchangedState(model, self.state_by_module)
+        for qualname, expected in self.compiled.items():
+            try:
+                actual = compiled_call(model.get_submodule(qualname))
+            except AttributeError:
+                return f"module {qualname} is gone"
+            if actual is not expected:
+                return f"{qualname} was {'compiled' if actual is not None else 'uncompiled'} since its graph was built"
+        self._unchanged = UnchangedState(model, self.state_by_module, self.compiled)
         return None
 
     def _shapes_failure(self, inputs: dict[str, Any]) -> str | None:
@@ -230,6 +241,18 @@ class GuardSet:
 
 
 _MISSING = object()
+_COMPILED = "_compiled_call_impl"  # where nn.Module.compile() keeps the compiled call
+_compiled_of = operator.methodcaller("get", _COMPILED)  # of a module's __dict__, in C
+
+
+def compiled_call(module: nn.Module) -> Any:
+    """The module's ``module.compile()`` result, or ``None``."""
+    return module.__dict__.get(_COMPILED)
+
+
+def snapshot_compiled(model: nn.Module, qualnames: Iterable[str]) -> dict[str, Any]:
+    """The compiled call (or ``None``) of each of ``qualnames`` but the root (see ``GuardSet.compiled``)."""
+    return {qualname: compiled_call(model.get_submodule(qualname)) for qualname in qualnames if qualname}
 
 
 class UnchangedState:
@@ -243,19 +266,30 @@ class UnchangedState:
     check, which then takes a new snapshot.
     """
 
-    def __init__(self, model: nn.Module, state_by_module: dict[str, list[tuple[str, Any]]]) -> None:
+    def __init__(self, model: nn.Module, state_by_module: dict[str, list[tuple[str, Any]]],
+                 compiled: dict[str, Any] | None = None) -> None:
         self.model = weakref.ref(model)
         links: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
         self.attributes: list[tuple[nn.Module, Callable[[dict], tuple], tuple]] = []
-        for qualname, attrs in state_by_module.items():
+
+        def walk(qualname: str) -> nn.Module:
             module = model
             for atom in qualname.split(".") if qualname else ():
                 child = module._modules[atom]
                 links[(id(module), atom)] = (module, atom, child)
                 module = child
+            return module
+
+        for qualname, attrs in state_by_module.items():
+            module = walk(qualname)
             names = [attr for attr, _ in attrs]
             getter = _getter(names)
             self.attributes.append((module, getter, getter(_with_missing(module.__dict__, names))))
+        compiled = compiled or {}
+        # Compiled or not, as the full check saw it: one C-level pass over the modules' dicts.
+        self.compiled_dicts = [walk(qualname).__dict__ for qualname in compiled]
+        self.compiled = tuple(compiled.values())
+        self.none_compiled = all(value is None for value in self.compiled)
         self.links = list(links.values())
 
     def holds(self, model: nn.Module) -> bool:
@@ -271,7 +305,9 @@ class UnchangedState:
                 return False
             if not all(map(operator.is_, current, objects)):
                 return False
-        return True
+        if self.none_compiled:
+            return not any(map(_compiled_of, self.compiled_dicts))
+        return all(map(operator.is_, map(_compiled_of, self.compiled_dicts), self.compiled))
 
 
 def _getter(names: list[str]) -> Callable[[dict], tuple]:
