@@ -240,7 +240,7 @@ def _apply(model: nn.Module, rule: Rule, example_inputs: tuple[tuple, dict], dry
     timings["rewrite_s"] = time.perf_counter() - t0
     timings["apply_s"] = time.perf_counter() - started
     return ApplyResult(new, rule, type(model).__name__, spec.matches, grafted, list(spec.guards.notes), spec.graph,
-                       spec.base_graph, timings, spec.leaf_calls)
+                       spec.base_graph_source(), timings, spec.leaf_calls)
 
 
 def _latent_name(inputs: dict[str, Any]) -> str | None:

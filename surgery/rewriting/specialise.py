@@ -59,7 +59,13 @@ class Specialisation:
 
     def base_graph(self) -> fx.Graph:
         """The graph as traced, before the rule's actions (see :func:`without_rule`)."""
-        return self.base if self.base is not None else without_rule(self.graph, self.replaced)
+        return self.base_graph_source()()
+
+    def base_graph_source(self) -> Callable[[], fx.Graph]:
+        """:meth:`base_graph` for later, holding the graphs but not this specialisation, so an
+        evicted specialisation is freed while an ``ApplyResult`` still offers its base graph."""
+        base, graph, replaced = self.base, self.graph, self.replaced
+        return lambda: base if base is not None else without_rule(graph, replaced)
 
     def __call__(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
         return self.fn(model, model, *[inputs[name] for name in self.input_names])
