@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch.nn as nn
 
@@ -79,6 +79,23 @@ class GraftContext:
     init: str = "zeros"
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The rule written by hand, which validation compares the rewritten model with.
+
+    Args:
+        build: ``build(base, matches)`` turns ``base`` (a structural copy of the base model:
+            its module tree is the reference's to change, its tensors share the user's
+            storage and must not be written) into the reference for the matched units.
+        to_native: ``to_native(name, matches)`` maps a reference state_dict key (or a module
+            path plus ``"."``) to the rewritten model's name; ``None`` for names that only the
+            reference has (a wrapper module).
+    """
+
+    build: Callable[[nn.Module, Sequence[Match]], nn.Module]
+    to_native: Callable[[str, Sequence[Match]], "str | None"]
+
+
 Action = Callable[[Site], Any]
 GraftBuilder = Callable[[GraftContext], "dict[str, nn.Module]"]
 CallCheck = Callable[[dict[str, Any], dict[str, Any], Any, nn.Module], dict[str, Any]]
@@ -96,6 +113,8 @@ class Rule:
             result for a model that declares no count: any, at least one).
         count_option: the name of the rule's option that sets the expected count; a wrong
             count's error tells the user to set it. ``None``: the rule has none.
+        reference: the rule written by hand, for validation (:class:`Reference`); ``None``:
+            the model's owner provides the reference (``surgery.validation.Harness``).
         assign: gives each match its index for the actions (``None`` = not acted on).
         grafts: builds the new modules, keyed by their dotted path in the model
             (``adapters`` on the root, ``blocks.3.ffn_adapter`` inside a block); each is
@@ -129,3 +148,4 @@ class Rule:
     example: Callable[[Any, nn.Module], dict[str, Any]] | None = None
     bind: Callable[["Rule", nn.Module], "Rule"] | None = None
     count_option: str | None = None
+    reference: Reference | None = None

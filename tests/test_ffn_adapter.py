@@ -3,6 +3,7 @@ identity while ``up`` is zero, and with trained weights exactly the adapter writ
 as forward hooks on the FFNs."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 from pathlib import Path
@@ -15,9 +16,11 @@ import surgery
 from examples import PIPELINES
 from examples.driver import compare, example_call, run_stream
 from rules import RULES, ffn_adapter
-from rules.ffn_adapter import BottleneckAdapter, FfnAdapterConfig
+from rules.ffn_adapter import AdaptedFFN, BottleneckAdapter, FfnAdapterConfig
 from surgery.cli.main import main
 from surgery.errors import GraftError, MatchError, OrderError, RuleError
+from surgery.rule import Reference
+from surgery.validation import validation_cases
 
 NAMES = ["longlive", "streamdiffusionv2", "krea_realtime_video", "reward_forcing", "memflow"]
 FFNS = [f"blocks.{i}.ffn" for i in range(4)]
@@ -168,3 +171,40 @@ def test_the_rule_names_no_model_family():
     hits = [f"{path.name}:{i}" for path in sorted(folder.glob("*.py"))
             for i, line in enumerate(path.read_text().splitlines(), 1) if families.search(line)]
     assert hits == []
+
+
+def test_cli_validates_it_against_the_rules_own_reference(capsys):
+    assert main(["validate", "longlive", "--rule", "ffn-adapter"]) == 0
+    out = capsys.readouterr().out
+    assert "4 matches, 4 grafted modules" in out and "validation PASSED (4/4 cases, max abs diff 0)" in out
+    for case in ("structure", "graph", "ffn-adapter-on", "lora"):
+        assert case in out
+
+
+class _Doubled(AdaptedFFN):
+    """A wrong hand-written adapter (twice the branch), which validation must catch."""
+
+    def forward(self, *args, **kwargs):
+        y = self.unit(*args, **kwargs)
+        return y + self.adapter(y) * 2
+
+
+def test_validation_catches_a_reference_that_differs():
+    pipeline, base, result = _applied("longlive")
+    right = result.rule.reference
+
+    def build(model, matches):
+        built = right.build(model, matches)
+        for module in built.modules():
+            if isinstance(module, AdaptedFFN):
+                module.__class__ = _Doubled
+        return built
+
+    result.rule = dataclasses.replace(result.rule, reference=Reference(build, right.to_native))
+    cases = {case.name: case for case in validation_cases(result, model=base, pipeline=pipeline,
+                                                           example_inputs=example_call(base, pipeline))}
+    assert list(cases) == ["structure", "graph", "ffn-adapter-on", "lora"]
+    assert cases["structure"].run().passed  # same modules and weights
+    graph, on = cases["graph"].run(), cases["ffn-adapter-on"].run()
+    assert not graph.passed and "differences" in graph.detail
+    assert not on.passed and on.max_abs_diff > 0

@@ -20,15 +20,9 @@ from surgery.tracing.policy import TracePolicy
 
 from .adapter import build_adapter
 from .config import FfnAdapterConfig
+from .reference import adapter_path, first_linear, reference
 
 NAME = "ffn-adapter"
-#: Suffix of an adapter's path after its FFN's (``blocks.3.ffn`` -> ``blocks.3.ffn_adapter``).
-SUFFIX = "_adapter"
-
-
-def adapter_path(ffn_path: str) -> str:
-    """Where the adapter of the FFN at ``ffn_path`` lives."""
-    return ffn_path + SUFFIX
 
 
 def rule(bottleneck_dim: int = 16, activation: str = "gelu", layers: Optional[Sequence[int]] = None,
@@ -55,7 +49,7 @@ def rule(bottleneck_dim: int = 16, activation: str = "gelu", layers: Optional[Se
         for match, ffn in zip(context.matches, context.matched_modules):
             if match.hint_index is None:
                 continue
-            first = next((m for m in ffn.modules() if isinstance(m, nn.Linear)), None)
+            first = first_linear(ffn)
             if first is None:  # the pattern saw Linears; a module calling foreign ones is not adaptable here
                 raise GraftError(f"the FFN {match.name} holds no nn.Linear to size its adapter from",
                                  "adapt FFNs that own their projections")
@@ -81,6 +75,7 @@ def rule(bottleneck_dim: int = 16, activation: str = "gelu", layers: Optional[Se
         check_call=check_call,
         trace_policy=TracePolicy(),
         count_option="num_ffns",
+        reference=reference(config),
     )
 
 
@@ -91,4 +86,4 @@ def add_adapter(site: Site) -> Any:
     return site.stream + site.module(adapter_path(site.match.name))(site.stream)
 
 
-__all__ = ["NAME", "SUFFIX", "adapter_path", "add_adapter", "rule"]
+__all__ = ["NAME", "add_adapter", "rule"]

@@ -524,23 +524,29 @@ def _describe_key_maps(factory: Callable[..., Any]) -> str:
     return ", ".join(getattr(built, "key_maps", None) or {}) or "-"
 
 
+def _package(registry: Any, name: str) -> str:
+    """`` (from <package>)`` for a rule an installed package registers, ``""`` for a built-in."""
+    origin = getattr(registry, "origin", None)
+    where = origin(name) if origin is not None else "built-in"
+    return "" if where == "built-in" else f" (from {where})"
+
+
 def run_rules() -> int:
     """``surgery rules``: registered rules, their options and key maps (exit 2 if one cannot be imported)."""
     RULES = rule_registry()
     table = Table(title=f"Rules ({len(RULES)})", title_justify="left")
-    for col in ("name", "from", "description", "options (--set KEY=VALUE)", "key maps (--key-map NAME)"):
+    for col in ("name", "description", "options (--set KEY=VALUE)", "key maps (--key-map NAME)"):
         table.add_column(col)
-    origin = getattr(RULES, "origin", lambda name: "-")  # built-in, or the package's entry point
     broken: list[str] = []
     for name in RULES:
         try:
             factory = RULES[name]
         except Exception as exc:  # a rule module that fails to import is reported, not fatal for the listing
             broken.append(f"{name}: {type(exc).__name__}: {exc}")
-            table.add_row(name, origin(name), f"[red]unavailable[/]: {type(exc).__name__}: {exc}", "-", "-")
+            table.add_row(name, f"[red]unavailable[/]: {type(exc).__name__}: {exc}{_package(RULES, name)}", "-", "-")
             continue
         doc = (inspect.getdoc(factory) or "").strip().splitlines()
-        table.add_row(name, origin(name), doc[0] if doc else "", _describe_options(factory),
+        table.add_row(name, (doc[0] if doc else "") + _package(RULES, name), _describe_options(factory),
                       _describe_key_maps(factory))
     render.console().print(table)
     if broken:

@@ -6,6 +6,7 @@ The reference itself comes from a :class:`Harness` that the model's owner provid
 engine names no model family).
 
 * :mod:`.harness`: the harness and how it is discovered;
+* :mod:`.rule_reference`: a rule's own reference (``Rule.reference``) in the harness's place;
 * :mod:`.cases`: the named cases (``structure``, ``graph``, ``<rule>-off``, ``<rule>-on``,
   ``scales``, ``lora``) and how they drive models without changing them;
 * :mod:`.structure`: module tree, parameters and state_dict through the key map;
@@ -25,6 +26,7 @@ from ..errors import SurgeryError
 from .cases import Case, CaseResult, Session, build_cases, default_scales, detached, seeded_weights
 from .graphs import GraphComparison, GraphDifference, compare_graphs
 from .reference_trace import trace_reference
+from .rule_reference import with_rule_reference
 from .harness import Harness, Scenario, discover_harness
 from .structure import StructureRow, compare_structure
 from .tolerances import TOLERANCES, model_tolerance, tolerance
@@ -48,6 +50,12 @@ class ValidationReport:
         raise KeyError(f"no validation case {name!r}; cases: {', '.join(c.name for c in self.cases)}")
 
 
+def _discovered(result: Any, model: nn.Module, pipeline: Any, example_inputs: tuple[tuple, dict] | None) -> Harness:
+    """The model owner's harness, with the rule's own reference when the rule writes one."""
+    found = discover_harness(result, model=model, pipeline=pipeline, example_inputs=example_inputs)
+    return with_rule_reference(found, result)
+
+
 def validation_cases(result: Any, *, model: nn.Module, pipeline: Any = None,
                      example_inputs: tuple[tuple, dict] | None = None,
                      harness: Harness | None = None) -> list[Case]:
@@ -58,7 +66,8 @@ def validation_cases(result: Any, *, model: nn.Module, pipeline: Any = None,
         model: the base model the surgery was applied to (never modified by validation).
         pipeline: the model's pipeline description, used to find a harness when none is given.
         example_inputs: the ``(args, kwargs)`` given to ``apply`` (for the graph comparison).
-        harness: the reference and driver; by default :func:`discover_harness` finds it.
+        harness: the reference and driver; by default :func:`discover_harness` finds it, and
+            a rule that writes its own reference (``Rule.reference``) replaces the reference.
 
     Returns:
         Cases with ``name``, ``tolerance`` and ``run() -> CaseResult``, in running order.
@@ -66,7 +75,7 @@ def validation_cases(result: Any, *, model: nn.Module, pipeline: Any = None,
     Raises:
         InputError: no reference is known for the model, or ``result`` is a dry run.
     """
-    harness = harness or discover_harness(result, model=model, pipeline=pipeline, example_inputs=example_inputs)
+    harness = harness or _discovered(result, model, pipeline, example_inputs)
     return build_cases(Session(result, model, harness, example_inputs))
 
 
@@ -76,7 +85,7 @@ def validate(result: Any, *, model: nn.Module, pipeline: Any = None,
 
     A :class:`~surgery.errors.SurgeryError` (bad input, not a validation finding) propagates.
     """
-    harness = harness or discover_harness(result, model=model, pipeline=pipeline, example_inputs=example_inputs)
+    harness = harness or _discovered(result, model, pipeline, example_inputs)
     session = Session(result, model, harness, example_inputs)
     results = []
     for case in build_cases(session):
@@ -97,5 +106,5 @@ __all__ = [
     "TOLERANCES", "Case", "CaseResult", "GraphComparison", "GraphDifference", "Harness", "Scenario",
     "StructureRow", "ValidationReport", "compare_graphs", "compare_structure", "default_scales", "detached",
     "discover_harness", "model_tolerance", "seeded_weights", "tolerance", "trace_reference", "validate",
-    "validation_cases",
+    "validation_cases", "with_rule_reference",
 ]

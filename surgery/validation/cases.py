@@ -15,6 +15,10 @@ Case names (``<rule>`` is the rule's name, e.g. ``vace``):
   and to the reference, identical adapter weights copied by native name, compared over a
   stream (and the adapters must change the output).
 
+A rule without call inputs (an adapter after every FFN) acts on every call: its cases are
+``structure``, ``graph``, ``<rule>-on`` (no control input; the grafted modules must change
+the output against the base model) and ``lora``.
+
 Every case compares outputs *and* cache snapshots after every call. Models are never
 driven in place: each run gets a structural copy (shared weights, own attributes and
 specialisation cache), so validation leaves the rewritten model and the base model as they
@@ -306,14 +310,19 @@ def off_case(session: Session, name: str) -> CaseResult:
 
 
 def on_case(session: Session, name: str) -> CaseResult:
+    control = bool(session.rule.inputs)
     pairs = []
     for i in range(len(session.harness.resolutions)):
-        sc = session.scenario(i, control=True)
+        sc = session.scenario(i, control=control)
         pairs.append((sc, session.run("rewritten", sc), session.run("reference", sc)))
-    effect = session.effect(session.run("rewritten", session.scenario(0, control=True)),
-                            session.run("rewritten", session.scenario(0, control=False)))
-    error = None if effect > 0 else "the control input changed nothing, so a broken branch would go unseen"
-    extra = f"control effect {effect:.3g}" + (", seeded grafted weights" if session.swap else "")
+    first = session.scenario(0, control=control)
+    # Without a control input to switch off, the grafts are measured against the base model.
+    effect = session.effect(session.run("rewritten", first),
+                            session.run("rewritten" if control else "base", session.scenario(0, control=False)))
+    what = "the control input" if control else "the grafted modules"
+    error = None if effect > 0 else f"{what} changed nothing, so a broken branch would go unseen"
+    extra = f"{'control' if control else 'graft'} effect {effect:.3g}" + (", seeded grafted weights"
+                                                                          if session.swap else "")
     return session.numeric(name, pairs, extra, error)
 
 
@@ -383,7 +392,7 @@ def lora_case(session: Session) -> CaseResult:
         # PEFT freezes every non-adapter parameter; those are the user's, shared.
         for p, flag in params.values():
             p.requires_grad_(flag)
-    sc = session.scenario(0, control=True)
+    sc = session.scenario(0, control=bool(session.rule.inputs))
     mine, reference = session.drive(ours, sc), session.drive(theirs, sc)
     effect = session.effect(mine, session.run("rewritten", sc))
     error = None if effect > 0 else "the LoRA adapters changed nothing, so PEFT-invisible modules would go unseen"
@@ -395,13 +404,17 @@ def build_cases(session: Session) -> list[Case]:
     """The cases in the order they are meant to run."""
     rule = session.rule.name
     tol = session.tolerance
+    on = Case(f"{rule}-on", tol, lambda: on_case(session, f"{rule}-on"), session)
+    controlled = [
+        Case(f"{rule}-off", tol, lambda: off_case(session, f"{rule}-off"), session),
+        on,
+        Case("scales", tol, lambda: scales_case(session), session),
+        Case("multi-context", tol, lambda: multi_context_case(session), session),
+    ] if session.rule.inputs else [on]  # nothing to switch off or scale without a control input
     return [
         Case("structure", 0.0, lambda: structure_case(session), session),
         Case("graph", 0.0, lambda: graph_case(session), session),
-        Case(f"{rule}-off", tol, lambda: off_case(session, f"{rule}-off"), session),
-        Case(f"{rule}-on", tol, lambda: on_case(session, f"{rule}-on"), session),
-        Case("scales", tol, lambda: scales_case(session), session),
-        Case("multi-context", tol, lambda: multi_context_case(session), session),
+        *controlled,
         Case("lora", tol, lambda: lora_case(session), session),
     ]
 
