@@ -346,3 +346,30 @@ def test_streamed_file_refuses_values_that_break_the_header_and_leaves_nothing(t
     with pytest.raises(InputError, match="cannot save 'a': it is on the meta device"):
         write_safetensors(target, layout)
     assert list(tmp_path.iterdir()) == []
+
+
+def mapping_rss_kib(address: int) -> int:
+    """Resident KiB of the memory mapping holding ``address`` (Linux ``/proc/self/smaps``)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                start, end = (int(part, 16) for part in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "Rss:":
+                return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux /proc/self/smaps")
+def test_saving_a_fresh_branch_commits_no_memory(tmp_path):
+    """Zero pages read as the kernel's zero page (a private mapping), so saving them commits nothing."""
+    from surgery.grafting.build import zeros
+
+    fresh = zeros((16, 1 << 18), dtype=torch.float32, device=torch.device("cpu"))  # 16 MiB
+    write_safetensors(tmp_path / "zeros.safetensors", {"w": fresh})
+    assert mapping_rss_kib(fresh.data_ptr()) == 0
+    assert not load_file(str(tmp_path / "zeros.safetensors"))["w"].any()
+    fresh[:8] = 1.0  # written pages are committed: the measurement sees them
+    assert mapping_rss_kib(fresh.data_ptr()) >= 8 * 1024

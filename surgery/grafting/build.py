@@ -64,7 +64,9 @@ def zeros(shape: torch.Size | tuple[int, ...], *, dtype: torch.dtype, device: to
     nbytes = numel * torch.empty((), dtype=dtype, device="meta").element_size()
     if torch.device(device).type != "cpu" or nbytes < LAZY_ZEROS_MIN_BYTES:
         return torch.zeros(shape, dtype=dtype, device=device)
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=numel).view(shape)
+    # MAP_PRIVATE: an untouched page reads as the kernel's zero page; Python's default, MAP_SHARED,
+    # commits a shared-memory page on the first *read* (saving a fresh branch cost its full size).
+    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=dtype, count=numel).view(shape)
 
 
 def allocate(module: nn.Module, *, device: torch.device, dtype: torch.dtype, init: str = "zeros") -> nn.Module:
