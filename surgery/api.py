@@ -17,6 +17,7 @@ from .errors import ArgumentError, CallError, GraftError, OrderError
 from .lora.order import peft_owner
 from .matching.matcher import Match
 from .module import SurgeryState, rewritten_class
+from .rewriting.compiled import retarget_compiled
 from .rewriting.specialise import add_modules, finish, match, prune_resolved, trace_base
 from .rule import GraftContext, Rule
 from .tracing.guards import Guard
@@ -203,6 +204,7 @@ def _apply(model: nn.Module, rule: Rule, example_inputs: tuple[tuple, dict], dry
     except CallError as error:
         raise ArgumentError(f"example_inputs do not fit the model: {error.problem}", error.fix) from None
     new = share_tree(model)
+    retarget_compiled(new)  # a copied .compile() call would still run the input's module
     new.__dict__["_surgery"] = state
     new.__class__ = rewritten_class(type(model), rule.inputs)
     latent_name = _latent_name(inputs)

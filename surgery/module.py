@@ -128,11 +128,19 @@ class SurgeryState:
         state.reasons.append("restored from a pickle or copy")
         return state
 
+    # ``torch.compile``: dynamo skips this frame (a graph break with nothing before it) but
+    # compiles the frames it calls, so the generated graph function is compiled as a frame
+    # of its own (its own code object: one cache entry per specialisation), while the
+    # dispatch before it runs eagerly.
+    @torch.compiler.disable(recursive=False)
     def call(self, model: nn.Module, args: tuple, kwargs: dict, entry: str = "forward") -> Any:
         """Run a call of ``entry`` (``forward`` or a method it dispatches to) on its specialised graph."""
         spec, inputs = self.dispatch(model, args, kwargs, entry)
-        return spec(model, inputs)
+        # map(), not a comprehension: a comprehension is a frame dynamo would try to compile.
+        return spec.fn(model, model, *map(inputs.__getitem__, spec.input_names))
 
+    # Guard checks, rechecks, tracing and timing are Python bookkeeping: never traced by dynamo.
+    @torch.compiler.disable
     def dispatch(self, model: nn.Module, args: tuple, kwargs: dict,
                  entry: str = "forward") -> tuple[Specialisation, dict[str, Any]]:
         """The specialisation a call runs on (checked, rechecked or newly traced) and its inputs."""

@@ -29,10 +29,11 @@ def test_each_block_calls_its_template_function():
     model_code = spec.code[spec.code.index("def forward("):]
     assert spec.code.count("def surgery_template_") >= 2
     groups = find_instances(spec.graph, trace.calls)
-    sizes = {members[0].module_path: len(members) for members in groups}
-    assert sizes["blocks.0"] == blocks
-    assert sizes.get("vace_blocks.1", 1) == vace_blocks - 1  # VACE block 0 has before_proj: its own code
-    calls = [line for line in model_code.splitlines() if "surgery_template_0(" in line]
+    members = {members[0].module_path: [m.module_path for m in members] for members in groups}
+    # Two functions for the main blocks: with the rule's injection moved in after the block, and without.
+    assert members["blocks.0"] == ["blocks.0", "blocks.2"] and members["blocks.1"] == ["blocks.1", "blocks.3"]
+    assert len(members.get("vace_blocks.1", [1])) == vace_blocks - 1  # VACE block 0 has before_proj: its own code
+    calls = [line for line in model_code.splitlines() if "surgery_template_0(" in line or "surgery_template_1(" in line]
     assert len(calls) == blocks and "(blocks_3, " in calls[3]
     # The flat graph keeps every block's own nodes for matching, reports and validation.
     assert any(n.op == "call_module" and n.target == f"blocks.{blocks - 1}.self_attn" for n in spec.graph.nodes)
@@ -42,10 +43,11 @@ def test_a_side_effect_inside_a_body_keeps_that_block_inline():
     model, spec, trace = _specialised()
     graph = spec.graph
     groups = find_instances(graph, trace.calls)
-    second = next(m for m in groups if m[0].module_path == "blocks.0")[2]
-    assert second.module_path == "blocks.2"
+    second = next(m for m in groups if m[0].module_path == "blocks.1")[1]
+    assert second.module_path == "blocks.3"
     middle = second.body[len(second.body) // 2]
     with graph.inserting_before(middle):
         graph.call_method("add_", (second.outputs[0], 1.0))  # an in-place write amid the body
     sizes = {m[0].module_path: [i.module_path for i in m] for m in find_instances(graph, trace.calls)}
-    assert "blocks.2" not in sizes["blocks.0"] and len(sizes["blocks.0"]) == len(model.blocks) - 1
+    assert "blocks.1" not in sizes and all("blocks.3" not in m for m in sizes.values())
+    assert sizes["blocks.0"] == ["blocks.0", "blocks.2"]

@@ -10,15 +10,22 @@ reports and validation read every node; only the executable code is outlined.
 An instance is outlined only when that is provably the same program: its live nodes line
 up with the template's one for one, it reads nothing defined after its first node except
 plain attribute reads, and nothing before the call site reads its results.
+
+A module compiled with ``module.compile()`` is never inlined or outlined: its body is
+replaced by one call of the module itself, so that its compiled call runs
+(:func:`module_call_sites`); the same conditions make that call the same program, and the
+module's own return value gives the results the rest of the graph reads.
 """
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import torch
 import torch.fx as fx
 
+from ..errors import TraceError
 from ..tracing.tracer import ModuleCall, template_groups
 
 
@@ -31,30 +38,46 @@ class Instance:
     externals: list[fx.Node]
     outputs: list[fx.Node]
     site: int  # position in the graph before which the call is emitted
-    shape: tuple  # the body's structure, equal across instances of one template
+    shape: tuple  # the body's structure, equal across instances of one template (not its outputs)
+    hoisted: list[fx.Node] = field(default_factory=list)  # later pure inputs, computed before the call
 
 
-def find_instances(graph: fx.Graph, calls: Sequence[ModuleCall]) -> list[list[Instance]]:
-    """Groups of at least two structurally identical instances, outermost calls first."""
+def find_instances(graph: fx.Graph, calls: Sequence[ModuleCall],
+                   taken: set[fx.Node] | None = None) -> list[list[Instance]]:
+    """Groups of at least two structurally identical instances, outermost calls first
+    (none of whose nodes are ``taken``: called as modules instead)."""
     nodes = list(graph.nodes)
     position = {node: i for i, node in enumerate(nodes)}
-    taken: set[fx.Node] = set()
+    taken = set() if taken is None else set(taken)
+    owned = {node for call in calls for node in call.nodes}
     found: list[list[Instance]] = []
     for members in sorted(template_groups(calls), key=lambda ms: ms[0].depth):
         if len(members) < 2:
             continue
-        instances = [inst for inst in (_instance(call, nodes, position, taken) for call in members)
-                     if inst is not None]
-        same = [inst for inst in instances if inst.shape == instances[0].shape] if instances else []
-        if len(same) >= 2:
-            found.append(same)
-            for inst in same:
-                taken.update(inst.body)
+        by_shape: dict[tuple, list[Instance]] = {}
+        for call in members:
+            inst = _instance(call, nodes, position, taken, owned)
+            if inst is not None:
+                by_shape.setdefault(inst.shape, []).append(inst)
+        for same in by_shape.values():  # e.g. the blocks with an injection after them, and the others
+            if len(same) >= 2:
+                # One function returns what any instance's caller reads (the last VACE block's
+                # stream feeds no further block, the others' do).
+                used = sorted({inst.body.index(out) for inst in same for out in inst.outputs})
+                for inst in same:
+                    inst.outputs = [inst.body[i] for i in used]
+                found.append(same)
+                for inst in same:
+                    taken.update(inst.body)
+                    taken.update(inst.hoisted)
     return found
 
 
 def _instance(call: ModuleCall, nodes: list[fx.Node], position: dict[fx.Node, int],
-              taken: set[fx.Node]) -> Instance | None:
+              taken: set[fx.Node], owned: set[fx.Node] | None = None) -> Instance | None:
+    """The call as an instance, or ``None`` when moving its body into one call could change
+    what the program does. With ``owned`` (the nodes of every traced call), the rule's code
+    right after the call joins the body."""
     prefix = call.qualname + "."
     live = [n for n in call.nodes if n in position]
     if not live or any(n in taken for n in live):
@@ -64,27 +87,31 @@ def _instance(call: ModuleCall, nodes: list[fx.Node], position: dict[fx.Node, in
     if not body or any(n.op in ("placeholder", "output") or
                        (n.op == "call_module" and not n.target.startswith(prefix)) for n in body):
         return None
+    if owned is not None:
+        body += _rule_code_after(body, nodes, position, taken, owned, prefix)
     inside = set(body)
     index = {n: i for i, n in enumerate(body)}
     externals: list[fx.Node] = []
     shape = []
     for node in body:
-        refs = []
         for arg in node.all_input_nodes:
-            if arg in inside:
-                refs.append(index[arg])
-            else:
-                if arg not in externals:
-                    externals.append(arg)
-                refs.append(-1 - externals.index(arg))
+            if arg not in inside and arg not in externals:
+                externals.append(arg)
+
+        def ref(arg: fx.Node) -> tuple:
+            return ("in", index[arg]) if arg in inside else ("ext", externals.index(arg))
+
         target = node.target[len(prefix):] if node.op in ("get_attr", "call_module") else node.target
-        shape.append((node.op, target, tuple(refs)))
+        shape.append((node.op, target, _constants(fx.node.map_arg((node.args, node.kwargs), ref))))
     outputs = [n for n in body if any(user not in inside for user in n.users)]
     first = position[body[0]]
-    site = max([first] + [position[e] + 1 for e in externals])
+    # Pure values the rule computed after the call from earlier values only (a scale picked
+    # from a list) are computed before the call instead, and handed to it.
+    hoisted = [e for e in externals if position[e] > first and e not in taken and _hoistable(e, position, first)]
+    site = max([first] + [position[e] + 1 for e in externals if e not in hoisted])
     # Between the first body node and the call site only attribute reads may stand, and
     # nothing before the site may read the call's results.
-    if any(n.op != "get_attr" for n in nodes[first:site] if n not in inside):
+    if any(n.op != "get_attr" for n in nodes[first:site] if n not in inside and n not in hoisted):
         return None
     # Nodes interleaved after the site (a rule's injection reading an early result) run after
     # the whole body instead of amid it: allowed only when they cannot have side effects.
@@ -94,8 +121,59 @@ def _instance(call: ModuleCall, nodes: list[fx.Node], position: dict[fx.Node, in
         return None
     if not outputs:
         return None
-    shape.append(("outputs", tuple(index[o] for o in outputs), len(externals)))
-    return Instance(call.qualname, body, externals, outputs, site, tuple(shape))
+    return Instance(call.qualname, body, externals, outputs, site, tuple(shape), hoisted)
+
+
+def _rule_code_after(body: list[fx.Node], nodes: list[fx.Node], position: dict[fx.Node, int],
+                     taken: set[fx.Node], owned: set[fx.Node], prefix: str) -> list[fx.Node]:
+    """The rule's nodes right after ``body`` that compute from its results (an injection
+    ``x + hint * scale`` after a block, the output projection of a VACE block).
+
+    Moved into the call, they leave no tensor work between consecutive calls in the
+    generated forward: with ``torch.compile``, a call whose code graph-breaks splits the
+    forward around it, and work between two such calls would be a compiled graph of its own
+    for every block. Only pure nodes are passed over (they then run after the moved ones),
+    and a moved node may read only the body, values from before it, or pure values computed
+    from those (computed before the call instead, see ``Instance.hoisted``).
+    """
+    inside = set(body)
+    first = position[body[0]]
+    found: list[fx.Node] = []
+    for node in nodes[position[body[-1]] + 1:]:
+        if node in taken or node in owned or node.op in ("placeholder", "output"):
+            break  # another call's code, or the end
+        reads_body = any(arg in inside for arg in node.all_input_nodes)
+        if not reads_body:
+            if not _pure(node):
+                break
+            continue
+        if "surgery" not in node.meta or (node.op == "call_module" and not node.target.startswith(prefix)):
+            break  # the model's own code continues from the call's results
+        if not all(arg in inside or position[arg] < first or _hoistable(arg, position, first)
+                   for arg in node.all_input_nodes):
+            break
+        inside.add(node)
+        found.append(node)
+    return found
+
+
+def _hoistable(node: fx.Node, position: dict[fx.Node, int], first: int) -> bool:
+    """A pure value computed only from values that exist before position ``first``."""
+    return node.op != "get_attr" and _pure(node) and all(position[a] < first for a in node.all_input_nodes)
+
+
+def _constants(value: Any) -> Any:
+    """A node's arguments for comparing structures: references as given, constants by value
+    where that is safe to compare, other objects by identity."""
+    if isinstance(value, (tuple, list)):
+        return tuple(_constants(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _constants(v)) for k, v in value.items())
+    if isinstance(value, slice):
+        return ("slice", _constants(value.start), _constants(value.stop), _constants(value.step))
+    if isinstance(value, _CONSTANTS):
+        return value
+    return ("object", id(value))
 
 
 def _pure(node: fx.Node) -> bool:
@@ -128,21 +206,157 @@ def template_function(instance: Instance, name: str,
     return source.replace("def forward(", f"def {name}(", 1), fn
 
 
-def outlined_graph(graph: fx.Graph, groups: list[list[Instance]],
-                   functions: list[Callable[..., Any]]) -> fx.Graph:
-    """``graph`` with each instance's body replaced by one call of its template function."""
-    at_site: dict[int, list[tuple[Instance, Callable[..., Any]]]] = {}
+@dataclass(frozen=True)
+class Attribute:
+    """A module attribute passed to a module call (a plain tensor such as ``freqs``, an object)."""
+
+    path: str
+
+
+@dataclass
+class ModuleCallSite:
+    """A compiled module's traced body, to be run as one call of the module."""
+
+    instance: Instance
+    arguments: tuple  # (args, kwargs): graph nodes, constants and :class:`Attribute` reads
+    outputs: list[tuple]  # where each of ``instance.outputs`` is in the module's return value
+
+
+def module_call_sites(graph: fx.Graph, calls: Sequence[ModuleCall], compiled: set[str],
+                      attribute_path: Callable[[Any], str | None], replaced: dict[fx.Node, fx.Node],
+                      rule: str = "") -> list[ModuleCallSite]:
+    """A call site for each traced call of a ``compiled`` module (outermost first).
+
+    ``replaced`` maps each value the rule put in place of a traced one to that one: a module
+    whose input the rule replaced (the stream after an injection) is handed the replacement.
+
+    Raises:
+        TraceError: such a call cannot be one call of the module (the rule changed its
+            inside, or the graph reads a value of it that its forward does not return).
+    """
+    nodes = list(graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    replacement = {old: new for new, old in replaced.items()}
+    taken: set[fx.Node] = set()
+    sites: list[ModuleCallSite] = []
+    for call in sorted(calls, key=lambda c: c.depth):
+        if call.qualname not in compiled or any(n in taken for n in call.nodes if n in position):
+            continue
+        inst = _instance(call, nodes, position, taken)
+        if inst is None:
+            raise _not_one_call(call.qualname, "its traced code cannot run as one call of it")
+        read = {arg for node in inst.body for arg in node.all_input_nodes}
+
+        def current(node: fx.Node) -> fx.Node:
+            while node in replacement and node not in read:  # the body reads what replaced it
+                node = replacement[node]
+            return node
+
+        arguments = _graph_argument((call.args, call.kwargs), attribute_path, call.qualname, current)
+        handed = set(_nodes_in(arguments))
+        if any("surgery" in arg.meta and arg not in handed for arg in read):
+            raise _not_one_call(call.qualname, f"rule {rule!r} changes code inside it")
+        outputs = [_output_path(call.output, node) for node in inst.outputs]
+        missing = [node.name for node, path in zip(inst.outputs, outputs) if path is None]
+        if missing:
+            raise _not_one_call(call.qualname, f"the graph reads {missing[0]}, computed inside it and not returned")
+        late = [n for n in handed if position.get(n, inst.site) >= inst.site]
+        if late:
+            raise _not_one_call(call.qualname, f"its argument {late[0].name} is not computed before it")
+        sites.append(ModuleCallSite(inst, arguments, outputs))  # type: ignore[arg-type]
+        taken.update(inst.body)
+    return sites
+
+
+def _not_one_call(qualname: str, why: str) -> TraceError:
+    return TraceError(f"{qualname} is compiled (.compile()), but {why}, so its compiled call cannot run",
+                      "compile the whole rewritten model instead: torch.compile(result.module)")
+
+
+def _output_path(value: Any, node: fx.Node, path: tuple = ()) -> tuple | None:
+    """Where ``node`` is in a traced return value (tuple, list and dict items), or ``None``."""
+    if isinstance(value, fx.Proxy):
+        return path if value.node is node else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) \
+        if isinstance(value, (tuple, list)) else ()
+    for key, item in items:
+        found = _output_path(item, node, path + (key,))
+        if found is not None:
+            return found
+    return None
+
+
+def _nodes_in(value: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_aggregate(value, lambda v: found.append(v) if isinstance(v, fx.Node) else None)
+    return found
+
+
+_CONSTANTS = (bool, int, float, complex, str, bytes, type(None), slice, type(Ellipsis), torch.dtype, torch.device,
+              torch.memory_format, torch.layout)
+
+
+def _graph_argument(value: Any, attribute_path: Callable[[Any], str | None], owner: str,
+                    node_of: Callable[[fx.Node], fx.Node]) -> Any:
+    """A traced call argument as a graph argument: proxies by their nodes, attributes by path."""
+    if isinstance(value, fx.Proxy):
+        return node_of(value.node)
+    if isinstance(value, _CONSTANTS):
+        return value
+    if type(value) in (tuple, list):
+        return type(value)(_graph_argument(v, attribute_path, owner, node_of) for v in value)
+    if type(value) is dict:
+        return {k: _graph_argument(v, attribute_path, owner, node_of) for k, v in value.items()}
+    path = attribute_path(value)
+    if path is None:
+        raise _not_one_call(owner, f"it is called with a {type(value).__name__} that is neither a traced value nor a "
+                                   "model attribute")
+    return Attribute(path)
+
+
+def outlined_graph(graph: fx.Graph, groups: list[list[Instance]], functions: list[Callable[..., Any]],
+                   module_calls: Sequence[ModuleCallSite] = ()) -> fx.Graph:
+    """``graph`` with each instance's body replaced by one call of its template function,
+    and each compiled module's body by one call of the module."""
+    at_site: dict[int, list[tuple[Instance, Any]]] = {}
     skipped: set[fx.Node] = set()
     for members, fn in zip(groups, functions):
         for inst in members:
             at_site.setdefault(inst.site, []).append((inst, fn))
             skipped.update(inst.body)
+            skipped.update(inst.hoisted)
+    for site in module_calls:
+        at_site.setdefault(site.instance.site, []).append((site.instance, site))
+        skipped.update(site.instance.body)
     outer = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+
+    def argument(value: Any) -> Any:
+        if isinstance(value, Attribute):
+            return outer.get_attr(value.path)
+        if isinstance(value, fx.Node):
+            return env[value]
+        if type(value) in (tuple, list):
+            return type(value)(argument(v) for v in value)
+        if type(value) is dict:
+            return {k: argument(v) for k, v in value.items()}
+        return value
+
     for position, node in enumerate(graph.nodes):
-        for inst, fn in at_site.get(position, ()):
+        for inst, how in at_site.get(position, ()):
+            if isinstance(how, ModuleCallSite):
+                args, kwargs = how.arguments
+                call = outer.call_module(inst.module_path, argument(args), argument(kwargs))
+                for out, path in zip(inst.outputs, how.outputs):
+                    value = call
+                    for key in path:
+                        value = outer.call_function(operator.getitem, (value, key))
+                    env[out] = value
+                continue
+            for node_ in inst.hoisted:
+                env[node_] = outer.node_copy(node_, env.__getitem__)
             block = outer.get_attr(inst.module_path)
-            call = outer.call_function(fn, (block, *[env[e] for e in inst.externals]))
+            call = outer.call_function(how, (block, *[env[e] for e in inst.externals]))
             if len(inst.outputs) == 1:
                 env[inst.outputs[0]] = call
             else:

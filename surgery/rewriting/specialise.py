@@ -21,11 +21,12 @@ from ..errors import RuleError, TraceError
 from ..matching.matcher import Match, MatchResult, expect_count, find_units
 from ..matching.pattern import CallView
 from ..rule import Rule, Site, Where
-from ..tracing.guards import GuardSet, evaluate, resolve_path, snapshot_state, tensor_kind
+from ..tracing.guards import GuardSet, evaluate, resolve_path, snapshot_compiled, snapshot_state, tensor_kind
 from ..tracing.recheck import ShapeRecheck
 from ..tracing.tracer import ConcreteProxy, ExampleTracer, ModuleCall, Trace, tensor_names
 from ..tracing.twin import fake_inputs, fake_mode_of, fake_twin, new_fake_mode
-from .outline import _pure, find_instances, outlined_graph, template_function
+from .compiled import argument_nodes, call_sites, strip_compiled
+from .outline import ModuleCallSite, _pure, find_instances, outlined_graph, template_function
 
 
 def input_kind(value: Any) -> tuple:
@@ -79,6 +80,7 @@ def trace_base(model: nn.Module, base_cls: type, rule: Rule, inputs: dict[str, A
     mode = new_fake_mode()
     twin = fake_twin(model, mode)
     twin.__class__ = base_cls
+    strip_compiled(twin)  # trace each module's own forward, not a compiled call of the real one
     tracer = ExampleTracer(rule.trace_policy)
 
     def call(root_proxy: ConcreteProxy, proxies: dict[str, Any]) -> Any:
@@ -265,12 +267,12 @@ def base_copy(graph: fx.Graph) -> fx.Graph:
     return copy
 
 
-def prune_resolved(graph: fx.Graph) -> int:
-    """Drop pure nodes nobody uses: values the tracer only computed to resolve Python
-    control flow (device checks, asserts, lengths), now replaced by guards."""
+def prune_resolved(graph: fx.Graph, keep: set[fx.Node] = frozenset()) -> int:  # type: ignore[assignment]
+    """Drop pure nodes nobody uses (but ``keep``): values the tracer only computed to resolve
+    Python control flow (device checks, asserts, lengths), now replaced by guards."""
     removed = 0
     for node in reversed(list(graph.nodes)):
-        if node.users or node.op not in ("call_function", "call_method", "get_attr"):
+        if node.users or node.op not in ("call_function", "call_method", "get_attr") or node in keep:
             continue
         if node.op == "call_method" and (node.target.endswith("_") or "opaque_helper" in node.meta):
             continue
@@ -281,17 +283,20 @@ def prune_resolved(graph: fx.Graph) -> int:
     return removed
 
 
-def compile_graph(graph: fx.Graph, calls: Sequence[ModuleCall] = ()) -> tuple[str, Callable[..., Any]]:
+def compile_graph(graph: fx.Graph, calls: Sequence[ModuleCall] = (),
+                  module_calls: Sequence[ModuleCallSite] = ()) -> tuple[str, Callable[..., Any]]:
     """Generate Python for ``graph`` whose ``self`` is the live model (PEFT-visible).
 
     With the trace's module ``calls``, blocks replayed from one template share one
     generated function (see :mod:`.outline`); the source returned lists those first.
+    Compiled modules (``module_calls``) are called as modules, so their compiled call runs.
     """
-    groups = find_instances(graph, calls)
+    taken = {node for site in module_calls for node in site.instance.body}
+    groups = find_instances(graph, calls, taken)
     templates = [template_function(members[0], f"surgery_template_{i}", compile_graph)
                  for i, members in enumerate(groups)]
-    if groups:
-        graph = outlined_graph(graph, groups, [fn for _, fn in templates])
+    if groups or module_calls:
+        graph = outlined_graph(graph, groups, [fn for _, fn in templates], module_calls)
     for node in graph.nodes:
         # fx marks autowrapped calls so that a retrace re-wraps them; this code is never retraced.
         node.meta.pop("is_wrapped", None)
@@ -327,8 +332,11 @@ def finish(model: nn.Module, tracer: ExampleTracer, trace: Trace, result: MatchR
     # Before pruning: the nodes that only fed Python decisions are what a recheck evaluates.
     recheck = ShapeRecheck(trace.graph, tracer.concretised, tracer.calls, twin) \
         if tracer.shape_specific is None else None
-    prune_resolved(trace.graph)
-    code, fn = compile_graph(trace.graph, tracer.calls)
+    compiled = snapshot_compiled(model, tracer.traced_modules)
+    as_modules = {path for path, call in compiled.items() if call is not None}
+    prune_resolved(trace.graph, keep=argument_nodes(tracer.calls, as_modules))
+    code, fn = compile_graph(trace.graph, tracer.calls, call_sites(trace.graph, tracer, as_modules, replaced,
+                                                                    rule.name))
     rewrite_s = time.perf_counter() - started
     shaped = dict.fromkeys(dep[1] for dep in tracer.deps if dep[0] == "input" and dep[2] == "meta"
                            and isinstance(resolve_path(inputs, dep[1]), torch.Tensor))
@@ -340,6 +348,7 @@ def finish(model: nn.Module, tracer: ExampleTracer, trace: Trace, result: MatchR
         shapes={path: tuple(resolve_path(inputs, path).shape) for path in shaped},
         recheck=recheck,
         shape_specific=tracer.shape_specific,
+        compiled=compiled,
     )
     return Specialisation(guards, trace.graph, code, fn, list(trace.inputs), result.matches, trace_s, rewrite_s,
                           dict(tracer.leaf_calls), replaced, base=base)
