@@ -171,6 +171,7 @@ def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_la
         weight_prefixes=(f"{family.blocks}.", f"{family.patch_embedding}."),
         example=example,
         bind=bind if profile is None else None,
+        count_option="num_layers",
     )
     return unbound
 
