@@ -21,7 +21,7 @@ from examples.driver import example_call
 from examples.reference import random_vace_state_dict
 from report_fakes import Tiny
 from rules import vace
-from rules.vace_keymaps import NATIVE_TO_DIFFUSERS
+from rules.vace.keymaps import NATIVE_TO_DIFFUSERS
 from surgery.cli import commands
 from surgery.cli.main import build_parser, main
 from surgery.lora import load_lora_file

@@ -18,8 +18,8 @@ diffusers = pytest.importorskip("diffusers")
 
 import surgery  # noqa: E402
 from rules import vace  # noqa: E402
-from rules.vace_keymaps import DIFFUSERS_TO_NATIVE, NATIVE_TO_DIFFUSERS  # noqa: E402
-from rules.vace_profiles import DIFFUSERS  # noqa: E402
+from rules.vace.keymaps import DIFFUSERS_TO_NATIVE, NATIVE_TO_DIFFUSERS  # noqa: E402
+from rules.vace.profiles import DIFFUSERS  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from surgery.errors import CallError, GraftError  # noqa: E402
 from surgery.grafting.build import rebuild_like  # noqa: E402

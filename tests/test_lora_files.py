@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from rules.vace_keymaps import DIFFUSERS_TO_NATIVE, NATIVE_TO_DIFFUSERS
+from rules.vace.keymaps import DIFFUSERS_TO_NATIVE, NATIVE_TO_DIFFUSERS
 from surgery.errors import MatchError, OrderError, RuleError, SurgeryError, WeightsError
 from surgery.lora import check_order, load_lora_file, module_targeted_targets, peft_layer_names
 from surgery.weights import apply_key_map, compile_key_map

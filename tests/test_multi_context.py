@@ -163,7 +163,7 @@ def test_errors_name_the_inputs_of_the_models_own_profile():
     import dataclasses
 
     from examples import PIPELINES
-    from rules.vace_profiles import WAN
+    from rules.vace.profiles import WAN
 
     pipeline = PIPELINES["memflow"]
     base = pipeline.build("tiny", seed=0)

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from examples import PIPELINES
 from rules import vace
-from rules.vace_profiles import FALLBACK, PROFILES, WAN, detect, resolve
+from rules.vace.profiles import FALLBACK, PROFILES, WAN, detect, resolve
 from surgery.errors import GraftError, RuleError
 from surgery.grafting.settings import constructor_arguments, structure_difference, structure_of
 
@@ -44,7 +44,7 @@ def test_rule_without_profile_binds_to_the_detected_family():
 def test_rule_code_and_engine_name_no_model_family():
     families = re.compile(r"CausalWan|longlive|krea|memflow|streamdiffusion|reward.?forcing|kv_cache|"
                           r"crossattn_cache|kv_bank|t2v_cross_attn", re.IGNORECASE)
-    files = [ROOT / "rules" / "vace.py", ROOT / "rules" / "vace_inputs.py"] + [p for d in ("grafting", "matching", "rewriting", "tracing")
+    files = [ROOT / "rules" / "vace" / f"{name}.py" for name in ("rule", "inputs", "config")] + [p for d in ("grafting", "matching", "rewriting", "tracing")
                                             for p in (ROOT / "surgery" / d).glob("*.py")]
     hits = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
             if families.search(line)]

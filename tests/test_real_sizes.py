@@ -27,7 +27,7 @@ from examples.driver import example_call
 from examples.reference import random_vace_state_dict
 from examples.wan import pipeline as wan_pipeline
 from rules import vace
-from rules.vace_keymaps import NATIVE_TO_DIFFUSERS
+from rules.vace.keymaps import NATIVE_TO_DIFFUSERS
 from surgery.cli import commands
 from surgery.cli.main import main
 from surgery.cli.safetensors_out import write_safetensors

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rules.vace_keymaps import DIFFUSERS_TO_NATIVE, NATIVE_TO_DIFFUSERS
+from rules.vace.keymaps import DIFFUSERS_TO_NATIVE, NATIVE_TO_DIFFUSERS
 from surgery.errors import OrderError, RuleError, WeightsError
 from surgery.weights import LoadReport, apply_key_map, compile_key_map, load_vace_weights, read_header
 
@@ -87,7 +87,7 @@ def base_values(seed: int = 7) -> dict[str, torch.Tensor]:
 def diffusers_name(native: str) -> str:
     """diffusers name of a native VACE key, written out by hand from the conversion table.
 
-    Independent of rules.vace_keymaps on purpose, so a wrong map cannot agree with itself.
+    Independent of rules.vace.keymaps on purpose, so a wrong map cannot agree with itself.
     """
     if native.startswith("vace_patch_embedding."):
         return native

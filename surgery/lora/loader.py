@@ -75,7 +75,7 @@ def load_lora_file(
     ``transformer.`` prefix; targets under ``blocks.N`` and ``vace_blocks.K``; and the
     ``blocks.N.vace.*`` scheme, mapped to ``vace_blocks.K`` through ``vace_layers`` (taken
     from ``module.vace_layers`` when not given). ``key_map`` renames other layouts (e.g.
-    ``rules.vace_keymaps.DIFFUSERS_TO_NATIVE``).
+    ``rules.vace.DIFFUSERS_TO_NATIVE``).
 
     Returns a report whose ``model`` is ``module`` itself (PEFT layers injected in place,
     not a ``PeftModel``). The new adapter is made active next to any adapters already

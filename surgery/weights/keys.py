@@ -27,7 +27,7 @@ def compile_key_map(key_map: KeyMap | None) -> list[Callable[[str], str]]:
     if isinstance(key_map, (str, bytes)) or not isinstance(key_map, Iterable):
         raise RuleError(
             f"key_map must be a sequence of (pattern, replacement) pairs, got {type(key_map).__name__}",
-            "pass e.g. rules.vace_keymaps.DIFFUSERS_TO_NATIVE",
+            "pass e.g. rules.vace.DIFFUSERS_TO_NATIVE",
         )
     compiled: list[Callable[[str], str]] = []
     for i, rule in enumerate(key_map):

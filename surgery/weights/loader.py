@@ -120,7 +120,7 @@ def _fit_error(missing: list[str], unexpected: list[str], shapes: list[str], fil
         parts.append(f"{len(shapes)} shape mismatches, model vs file ({_listing(shapes)})")
     fix = layout_fix() if missing or unexpected else None
     if fix is None and any(m in k for k in unexpected for m in _DIFFUSERS_MARKERS):
-        fix = "the file uses diffusers names: pass key_map=rules.vace_keymaps.DIFFUSERS_TO_NATIVE"
+        fix = "the file uses diffusers names: pass key_map=rules.vace.DIFFUSERS_TO_NATIVE"
     fix = fix or "use the checkpoint built for this model's dim, ffn_dim and vace_layers, or pass a key_map for its layout"
     err = WeightsError(f"{', '.join(files)} does not fit the model: " + "; ".join(parts), fix)
     err.details = {"missing": missing, "unexpected": unexpected, "shape_mismatches": shapes}  # type: ignore[attr-defined]
@@ -199,7 +199,7 @@ def load_vace_weights(
             keys), a ``*.safetensors.index.json``, or a directory holding either.
             Pickle formats (``.pt``, ``.pth``, ``.bin``, ``.ckpt``) are refused unopened.
         key_map: ordered ``(pattern, replacement)`` rules applied after prefix stripping
-            (see :mod:`surgery.weights.keys`); e.g. ``rules.vace_keymaps.DIFFUSERS_TO_NATIVE``.
+            (see :mod:`surgery.weights.keys`); e.g. ``rules.vace.DIFFUSERS_TO_NATIVE``.
         strip_prefixes: prefixes removed from stored names; the first match wins.
         vace_prefixes: which (mapped) keys belong to the VACE branch.
         expect_vace_in_dim, expect_blocks: optional expectations checked against the

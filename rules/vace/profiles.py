@@ -4,7 +4,7 @@ The VACE computation is the same in every implementation (vace.md 1.2: ``c_0 =
 input_projection(E_v(context)) + x0``, one hint per VACE block through its output
 projection, ``x + hint * scale`` after main block ``vace_layers[k]``). What differs between
 model families is naming and plumbing, and a :class:`VaceProfile` states those facts for
-one family, so that ``rules/vace.py`` names none:
+one family, so that :mod:`rules.vace.rule` names none:
 
 * how a model of the family is recognised (:class:`Detect`);
 * which call arguments make the innermost module taking them run as one opaque call while
@@ -14,7 +14,7 @@ one family, so that ``rules/vace.py`` names none:
   :mod:`surgery.grafting.settings`), and settings VACE blocks always use;
 * the names of the grafted modules and of the block-0 input and per-block output projections;
 * the rule's call inputs (the control context and its per-layer scale);
-* key maps to the other layout's checkpoints (``rules/vace_keymaps.py``).
+* key maps to the other layout's checkpoints (:mod:`rules.vace.keymaps`).
 
 The injection arithmetic needs no entry: every family computes ``x + hint * scale`` after the
 block, hint ``k`` with scale ``k`` (diffusers: ``hidden_states + control_hint * scale``; with
@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from surgery.errors import RuleError
 
-from .vace_keymaps import DIFFUSERS_TO_NATIVE, NATIVE_TO_DIFFUSERS
+from .keymaps import DIFFUSERS_TO_NATIVE, NATIVE_TO_DIFFUSERS
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ def resolve(profile: str | VaceProfile) -> VaceProfile:
         return PROFILES[profile]
     known = ", ".join(repr(name) for name in PROFILES)
     raise RuleError(f"unknown VACE profile {profile!r}",
-                    f"use one of {known}, or pass a rules.vace_profiles.VaceProfile for another family")
+                    f"use one of {known}, or pass a rules.vace.VaceProfile for another family")
 
 
 def detect(model: nn.Module) -> VaceProfile:

@@ -35,7 +35,7 @@ import torch.nn as nn
 from surgery.entry import model_on_meta
 from surgery.errors import CallError
 
-from .vace_profiles import FALLBACK, VaceProfile
+from .profiles import FALLBACK, VaceProfile
 
 _FLOAT_MAX = sys.float_info.max
 _BATCH_ITEM = "[C, F, H, W]"

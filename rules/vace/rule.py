@@ -6,14 +6,14 @@ without caches) turn them into one hint per selected layer, and the output of ma
 ``vace_layers[k]`` becomes ``x + hint_k * scale_k``. The whole branch runs before the first
 block because it only reads the patch-embedded latent ``x0`` and the blocks' shared inputs.
 Several control contexts in one call each run through the same branch, and their hints are
-added one context after another (:mod:`rules.vace_inputs` says which call forms mean that).
+added one context after another (:mod:`rules.vace.inputs` says which call forms mean that).
 
 Nothing here names a pipeline or a model family: blocks are found by structure, their
 constructor arguments are read back from the blocks (their attributes, a config, their
 structure), and the cache-free call passes only the arguments the block's ``forward``
 requires (every optional argument, caches included, keeps its default). What differs
 between families (input names, projection names, caches, where settings live) is data in
-:mod:`rules.vace_profiles`; ``rule()`` detects the family of the model it is applied to.
+:mod:`rules.vace.profiles`; ``rule()`` detects the family of the model it is applied to.
 """
 from __future__ import annotations
 
@@ -29,42 +29,11 @@ from surgery.matching.pattern import ATTENTION_BLOCK
 from surgery.rule import GraftContext, Rule, Site, Where
 from surgery.tracing.policy import TracePolicy
 
-from .vace_inputs import check_inputs, normalise_scale
-from .vace_profiles import FALLBACK, PROFILES, VaceProfile, detect, resolve
+from .config import OPTIONS, check_layers
+from .inputs import check_inputs, normalise_scale
+from .profiles import FALLBACK, PROFILES, VaceProfile, detect, resolve
 
 NAME = "vace"
-
-OPTIONS = {
-    "vace_in_dim": "channels of the control context (96: 32 latent + 64 mask channels)",
-    "vace_layers": "main blocks that receive a hint; must contain 0 (default: every second block)",
-    "num_layers": "number of main blocks to expect (default: the count the model declares, else the match count)",
-    "profile": f"model family: {', '.join(PROFILES)} or a rules.vace_profiles.VaceProfile (default: detected)",
-}
-
-
-def _check_layers(layers: Sequence[int] | None, num_layers: int | None) -> tuple[int, ...] | None:
-    if layers is None:
-        return None
-    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
-        raise RuleError(f"vace_layers must be a list of block indices, got {layers!r}", "e.g. vace_layers=[0, 2, 4]")
-    values = list(layers)
-    if not values:
-        raise RuleError("vace_layers is empty", "give at least [0], or None for every second block")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise RuleError(f"vace_layers must hold integers, got {values!r}", "e.g. vace_layers=[0, 2, 4]")
-    if 0 not in values:
-        raise RuleError(f"vace_layers {values} does not contain 0", "VACE block 0 must feed main block 0; add 0")
-    if min(values) < 0:
-        raise RuleError(f"vace_layers {values} has a negative index", "use indices 0..num_layers-1")
-    if values != sorted(values):
-        raise RuleError(f"vace_layers {values} is not sorted", f"use {sorted(set(values))}")
-    if len(set(values)) != len(values):
-        raise RuleError(f"vace_layers {values} has duplicates", f"use {sorted(set(values))}")
-    if num_layers is not None and values[-1] >= num_layers:
-        raise RuleError(f"vace_layers {values} is out of range for {num_layers} blocks",
-                        f"use indices 0..{num_layers - 1}")
-    return tuple(values)
-
 
 def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_layers: int | None = None,
          profile: str | VaceProfile | None = None) -> Rule:
@@ -76,7 +45,7 @@ def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_la
             second block once the block count is known.
         num_layers: the number of blocks to expect; ``None``: the count the model declares
             (its profile's ``block_count``), else whatever the pattern matches.
-        profile: the model family (:mod:`rules.vace_profiles`): a built-in name or a
+        profile: the model family (:mod:`rules.vace.profiles`): a built-in name or a
             ``VaceProfile``; ``None`` detects it when the rule is applied.
 
     Raises:
@@ -87,12 +56,12 @@ def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_la
         raise RuleError(f"vace_in_dim must be a positive integer, got {vace_in_dim!r}", "use 96 (the VACE default)")
     if num_layers is not None and (not isinstance(num_layers, int) or num_layers <= 0):
         raise RuleError(f"num_layers must be a positive integer, got {num_layers!r}", "omit it to read the model's")
-    layers = _check_layers(vace_layers, num_layers)
+    layers = check_layers(vace_layers, num_layers)
     family = resolve(profile) if profile is not None else FALLBACK
 
     def resolved(count: int) -> tuple[int, ...]:
         chosen = layers if layers is not None else tuple(range(0, count, 2))
-        _check_layers(chosen, count)
+        check_layers(chosen, count)
         return chosen
 
     def expected(model: nn.Module) -> int | None:
@@ -203,7 +172,7 @@ def compute_hints(site: Site, family: VaceProfile = FALLBACK) -> None:
     """Before the first block: context -> tokens -> VACE blocks -> one hint per layer, for each context.
 
     Several contexts arrive as ``(context, per-layer scales)`` pairs with the scale input
-    ``None`` (:mod:`rules.vace_inputs`); each runs through the same VACE branch on its own.
+    ``None`` (:mod:`rules.vace.inputs`); each runs through the same VACE branch on its own.
     """
     context = site.inputs[family.context_input]
     if context is None:
