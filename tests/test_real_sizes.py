@@ -261,7 +261,21 @@ def test_base_keys_that_do_not_fit_are_one_line(change, needles, checkpoint, tmp
     assert run.code == 2
     assert run.line.startswith(f"surgery: error: {path} does not fit the model: ") and "; fix: " in run.line
     assert all(n in run.line for n in needles), run.line
+    assert run.line.endswith("; fix: use the file made for this model, or pass --key-map NAME for its layout "
+                             "(rule vace has: diffusers)"), run.line
     assert run.result is None and not saved.exists()
+
+
+def test_a_base_tensor_that_is_not_floating_point_is_one_line(checkpoint, tmp_path):
+    tensors = dict(checkpoint)
+    tensors["blocks.0.ffn.0.bias"] = torch.arange(tensors["blocks.0.ffn.0.bias"].numel())
+    path = tmp_path / "int.safetensors"
+    save_file(tensors, str(path))
+    run = cli(["apply", NAME, "--no-validate", "--weights", str(path)])
+    assert run.code == 2 and run.result is None
+    assert run.line == (f"surgery: error: {path}: 1 base tensors are not floating point (blocks.0.ffn.0.bias (int64)), "
+                        "and integer or bool values are never converted to weights; fix: use a checkpoint that stores "
+                        "the weights as float32, bfloat16 or float16")
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -373,3 +387,10 @@ def test_saving_a_fresh_branch_commits_no_memory(tmp_path):
     assert not load_file(str(tmp_path / "zeros.safetensors"))["w"].any()
     fresh[:8] = 1.0  # written pages are committed: the measurement sees them
     assert mapping_rss_kib(fresh.data_ptr()) >= 8 * 1024
+
+
+def test_a_base_of_another_size_names_the_size_it_was_made_for(files):
+    run = cli(["apply", NAME, "--size", "1.3B", "--no-validate", "--weights", str(files["full"])])
+    assert run.code == 2 and run.builds == ["meta"] and run.result is None
+    assert "does not fit the model: " in run.line and "shape mismatches, model vs file (" in run.line
+    assert run.line.endswith(f"; fix: {files['full']} is for --size tiny: pass --size tiny"), run.line

@@ -32,12 +32,13 @@ from surgery.cli.loading import (
     resolve_model,
     rule_parameters,
     rule_registry,
+    size_of_width,
 )
 from surgery.cli.memory import memory_guard
 from surgery.cli.preflight import check_device, check_output_file, check_report, check_weights, torch_dtype
 from surgery.cli.safetensors_out import write_safetensors
-from surgery.cli.weights import BaseFile, base_file, base_rows, check_key_map_name
-from surgery.errors import InputError, SurgeryError
+from surgery.cli.weights import BaseFile, base_file, base_rows, base_width, check_key_map_name
+from surgery.errors import InputError, SurgeryError, WeightsError
 from surgery.reports.diff import compare_to_golden, read_golden, write_golden
 from surgery.reports.report import build_report, golden_section, normalise_validation, render_markdown, summary_line, write_report
 
@@ -288,7 +289,19 @@ def _base_needed(opts: ApplyOptions, source: ModelSource, base: BaseFile | None)
                          "to --base-weights; or drop --validate")
 
 
-def _base_loader(backend: Backend, base: BaseFile | None, rule: Any, map_name: str | None) -> BaseLoader | None:
+def _size_fix(error: WeightsError, source: ModelSource, base: BaseFile) -> WeightsError:
+    """A base checkpoint made for another size of a built-in model: the fix names that ``--size``."""
+    details = getattr(error, "details", None) or {}
+    size = size_of_width(base_width(base.path)) if source.builtin and details.get("shape_mismatches") else None
+    if size is None or size == source.size:
+        return error
+    fixed = WeightsError(error.problem, f"{base.path} is for --size {size}: pass --size {size}")
+    fixed.details = details  # type: ignore[attr-defined]
+    return fixed
+
+
+def _base_loader(backend: Backend, base: BaseFile | None, rule: Any, map_name: str | None,
+                 source: ModelSource) -> BaseLoader | None:
     """Loads the base weights into the model before surgery (``None`` when no file holds them)."""
     if base is None:
         return None
@@ -296,7 +309,10 @@ def _base_loader(backend: Backend, base: BaseFile | None, rule: Any, map_name: s
     def load(model: Any) -> Any:
         with memory_guard(f"to load the base weights from {base.flag} {base.path}",
                           "free memory, or build the model in a narrower --dtype"):
-            return backend.load_base(model, base.path, rule, map_name)
+            try:
+                return backend.load_base(model, base.path, rule, map_name)
+            except WeightsError as error:
+                raise _size_fix(error, source, base) from error
 
     return load
 
@@ -342,7 +358,7 @@ def run_apply(opts: ApplyOptions, backend: Backend | None = None) -> int:
     _base_needed(opts, source, base)
     need_values = bool(opts.validate or opts.save or opts.weights or opts.lora)
     loaded = load_model(opts.model, size=opts.size, need_values=need_values, build=build,
-                        base=_base_loader(backend, base, rule, opts.key_map))
+                        base=_base_loader(backend, base, rule, opts.key_map, source))
     if base is not None:
         _print_load(out, f"Base weights: {base.path}", loaded.base_load, base_rows)
     # A rule that adapts to the model's family knows that family's key maps only now.

@@ -270,6 +270,15 @@ def _load_factory(spec: str, build: BuildOptions, base: BaseLoader | None) -> Lo
     return LoadedModel(name=spec, model=model, example_inputs=inputs, base_load=base_load)
 
 
+def size_of_width(width: int | None) -> str | None:
+    """The built-in size whose models are ``width`` wide (their ``dim``), if there is one."""
+    try:
+        sizes = importlib.import_module("examples.wan.pipeline").MODEL_SIZES
+    except (ImportError, AttributeError):
+        return None
+    return next((size for size in SIZES if width is not None and sizes.get(size, {}).get("dim") == width), None)
+
+
 def resolve_model(spec: str, size: str | None = None) -> ModelSource:
     """What MODEL names, checked without building or importing anything of the user's.
 
@@ -391,4 +400,5 @@ __all__ = [
     "rule_factory",
     "rule_parameters",
     "rule_registry",
+    "size_of_width",
 ]

@@ -166,6 +166,15 @@ def base_file(weights: str | None, base_weights: str | None) -> BaseFile | None:
     return BaseFile(base_weights, "--base-weights", len(base), base_dtype(base))
 
 
+def base_width(path: str) -> int | None:
+    """The width (``dim``) a base checkpoint was made for: the out-channels of its ``patch_embedding.weight``."""
+    from surgery.weights import base_keys, resolve_checkpoint
+
+    entries = resolve_checkpoint(path)
+    name = base_keys(entries).get("patch_embedding.weight")
+    return entries[name].shape[0] if name is not None and entries[name].shape else None
+
+
 def load_base(module: nn.Module, path: str, rule: Any, map_name: str | None) -> Any:
     """``load_base_weights`` into the base model, before surgery, with the named key map of the rule adapted to it."""
     from surgery.weights import load_base_weights
@@ -202,5 +211,5 @@ def load_lora(module: nn.Module, path: str, rule: Any, scale: float, map_name: s
         raise _for_the_command_line(error, rule, module, path, "--lora-key-map", _lora_fits) from error
 
 
-__all__ = ["BaseFile", "base_file", "base_rows", "bound_rule", "check_key_map_name", "key_map", "load_base", "load_lora",
+__all__ = ["BaseFile", "base_file", "base_rows", "base_width", "bound_rule", "check_key_map_name", "key_map", "load_base", "load_lora",
            "load_weights"]
