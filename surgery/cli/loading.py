@@ -302,13 +302,13 @@ def load_model(spec: str, size: str | None = None, seed: int = 0, need_values: b
                build: BuildOptions | None = None, base: BaseLoader | None = None) -> LoadedModel:
     """Build the model named by the CLI's MODEL argument, with example inputs for one call.
 
-    ``need_values=False`` lets built-in models at real sizes (1.3B, 14B) live on the meta
-    device (enough for tracing, matching and graph diffs); ``True`` gives them storage: zero
-    pages (no memory until written). At tiny size a built-in model always has random weights. ``base(model)``
-    fills the base weights instead (e.g. from a checkpoint), before the example inputs are
-    made; a built-in model is then built on meta and never initialised, and what ``base``
-    returns is kept as ``base_load``. ``build`` (seed, dtype, device)
-    replaces ``seed`` when given. Raises :class:`InputError` for an unknown name, an
+    A built-in model at tiny size has random weights. At real sizes (1.3B, 14B) it is built
+    on meta: ``need_values=False`` leaves it there (enough for tracing, matching and graph
+    diffs), ``True`` gives it storage as zero pages (no memory until written). ``base(model)``
+    fills the base weights instead (e.g. from a checkpoint) before the example inputs are
+    made; a built-in model is then built on meta at any size and never initialised, and what
+    ``base`` returns is kept as ``base_load``. ``build`` (seed, dtype, device) replaces
+    ``seed`` when given. Raises :class:`InputError` for an unknown name, an
     unimportable module, a factory that does not return a model (or not in the dtype and on
     the device it was given, or that takes no dtype/device argument when one was given), a
     factory model without example inputs whose call the CLI does not know, or too little
