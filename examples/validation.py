@@ -43,7 +43,7 @@ def _latent_size(example_inputs: Optional[tuple[tuple, dict]]) -> tuple[int, int
 
 
 def _hinted_layers(result: Any) -> list[int]:
-    return [m.position for m in result.matches if m.hint_index is not None]
+    return [m.position for m in result.matches if m.index is not None]
 
 
 def validation_harness(result: Any, *, model: nn.Module, pipeline: PipelineSpec,

@@ -110,7 +110,7 @@ class FakeMatch:
     name: str
     cls: str
     position: int
-    hint_index: int | None
+    index: int | None
 
 
 @dataclass(frozen=True)

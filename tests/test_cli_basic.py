@@ -241,7 +241,7 @@ def test_apply_prints_tables_and_writes_the_report(engine, tmp_path, capsys):
     assert "Matches (3)" in out and "blocks.2" in out and "vace_blocks.1" in out and "x.shape[1]" in out
     assert "vace on Tiny: 3 matches" in out
     report = json.loads((report_dir / "report.json").read_text())
-    assert report["schema_version"] == 1 and report["source"] == FACTORY
+    assert report["schema_version"] == 2 and report["source"] == FACTORY
     assert report["validation"] is None
     assert [m["name"] for m in report["matches"]] == ["blocks.0", "blocks.1", "blocks.2"]
     md = (report_dir / "report.md").read_text()
@@ -353,7 +353,7 @@ def test_real_apply_writes_a_report(tmp_path, capsys):
     assert main(["apply", "longlive", "--report", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["model"] == "CausalWanModel" and report["source"] == "longlive"
-    assert [m["hint_index"] for m in report["matches"]] == [0, None, 1, None]
+    assert [m["index"] for m in report["matches"]] == [0, None, 1, None]
     assert report["graph"]["inserted"] > 0 and report["graph"]["nodes"] > report["graph"]["base_nodes"]
     md = (tmp_path / "report.md").read_text()
     assert '["vace_blocks.0<br/>' in md and ":::inject" in md

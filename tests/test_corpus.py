@@ -130,7 +130,7 @@ def test_corpus_model_streams_like_hand_written_vace(name):
     family = corpus(name)
     base, result = _apply(family, vace_layers=[0, 2])
     model = result.module
-    layers = [m.position for m in result.matches if m.hint_index is not None]
+    layers = [m.position for m in result.matches if m.index is not None]
     hand_base = family.build(0)
     blocks = family.blocks_of(hand_base)
     hand = HookedVace(hand_base, blocks, family.embedding_of(hand_base), family.vace_block, family.vace_block_call,
@@ -182,7 +182,7 @@ def test_model_without_num_layers_gets_a_hint_every_second_matched_block(name):
     _, result = _apply(family)
     count = len(family.blocks_of(result.module))
     assert [m.position for m in result.matches] == list(range(count))
-    assert [m.hint_index for m in result.matches] == [k // 2 if k % 2 == 0 else None for k in range(count)]
+    assert [m.index for m in result.matches] == [k // 2 if k % 2 == 0 else None for k in range(count)]
     assert len(result.module.vace_blocks) == (count + 1) // 2
 
 

@@ -64,12 +64,12 @@ def test_family_detected_and_call_inputs_are_diffusers(models):
     base, result, _ = models
     assert result.rule.options["profile"] == "diffusers"
     assert set(result.rule.inputs) == {"control_hidden_states", "control_hidden_states_scale"}
-    assert [m.hint_index for m in result.matches] == [0, None, 1, None]
+    assert [m.index for m in result.matches] == [0, None, 1, None]
     assert isinstance(result.module, diffusers.WanTransformer3DModel)
     # No options at all: the block count comes from the model's config (every second block).
     args, _ = _call(2, 4, 4)
     plain = surgery.apply(base, vace.rule(), example_inputs=(args, {"return_dict": False}), dry_run=True)
-    assert [m.hint_index for m in plain.matches] == [0, None, 1, None]
+    assert [m.index for m in plain.matches] == [0, None, 1, None]
 
 
 def test_state_dict_is_diffusers_vace_layout(models):

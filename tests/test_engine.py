@@ -65,7 +65,7 @@ def test_rewritten_equals_reference_bit_for_bit(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_custom_vace_layers(name):
     pipeline, _, result, reference = _pair(name, vace_layers=[0, 1, 3])
-    assert [m.hint_index for m in result.matches] == [0, 1, None, 2]
+    assert [m.index for m in result.matches] == [0, 1, None, 2]
     ctx = _context(pipeline, *RES_A)
     ours = run_stream(result.module, pipeline, chunks=3, height=RES_A[0], width=RES_A[1], vace_context=ctx)
     theirs = run_stream(reference, pipeline, chunks=3, height=RES_A[0], width=RES_A[1], vace_context=ctx)
@@ -108,7 +108,7 @@ def test_dry_run_reports_matches_without_building():
     names = [n for n, _ in base.named_modules()]
     result = surgery.apply(base, vace.rule(), example_inputs=example_call(base, pipeline), dry_run=True)
     assert result.module is base and result.dry_run and result.graph is None and not result.grafted
-    assert [(m.name, m.cls, m.position, m.hint_index) for m in result.matches] == [
+    assert [(m.name, m.cls, m.position, m.index) for m in result.matches] == [
         (f"blocks.{i}", "CausalWanAttentionBlock", i, {0: 0, 2: 1}.get(i)) for i in range(4)]
     assert [n for n, _ in base.named_modules()] == names
 

@@ -81,7 +81,7 @@ def test_trained_adapters_equal_forward_hooks_bit_for_bit(name):
 
 def test_layers_choose_the_adapted_ffns():
     pipeline, base, result = _applied("longlive", layers=[1, 3], num_ffns=4)
-    assert [m.hint_index for m in result.matches] == [None, 0, None, 1]
+    assert [m.index for m in result.matches] == [None, 0, None, 1]
     assert [g.name for g in result.grafted] == ["blocks.1.ffn_adapter", "blocks.3.ffn_adapter"]
     weights = _randomise(result.module)
     reference = pipeline.build("tiny", seed=0)

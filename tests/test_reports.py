@@ -430,11 +430,11 @@ def test_report_json_schema_keys(tmp_path):
     ]}
     report = build_report(result, validation, {"validate_s": 1.5})
     assert set(report) == TOP_KEYS
-    assert report["schema_version"] == 1
+    assert report["schema_version"] == 2
     assert report["rule"] == "vace" and report["model"] == "Tiny"
     assert report["options"] == {"vace_in_dim": 6, "vace_layers": [0, 2]}
-    assert report["matches"][0] == {"name": "blocks.0", "class": "Block", "position": 0, "hint_index": 0}
-    assert report["matches"][1]["hint_index"] is None
+    assert report["matches"][0] == {"name": "blocks.0", "class": "Block", "position": 0, "index": 0}
+    assert report["matches"][1]["index"] is None
     assert set(report["grafted"][0]) == {"name", "params"}
     assert report["guards"][0] == {"kind": "shape", "expr": "x.shape[1]", "value": "5", "where": "report_fakes.py:1"}
     assert report["validation"]["passed"] is False

@@ -50,7 +50,7 @@ def reference(config: FfnAdapterConfig) -> Reference:
 
     def build(base: nn.Module, matches: Sequence[Match]) -> nn.Module:
         for match in matches:
-            if match.hint_index is None:
+            if match.index is None:
                 continue
             parent, _, name = match.name.rpartition(".")
             owner = base.get_submodule(parent)
@@ -63,7 +63,7 @@ def reference(config: FfnAdapterConfig) -> Reference:
 
     def to_native(name: str, matches: Sequence[Match]) -> Optional[str]:
         for match in matches:
-            if match.hint_index is None:
+            if match.index is None:
                 continue
             path = match.name + "."
             if name == path:

@@ -47,7 +47,7 @@ def rule(bottleneck_dim: int = 16, activation: str = "gelu", layers: Optional[Se
     def grafts(context: GraftContext) -> dict[str, nn.Module]:
         adapters: dict[str, nn.Module] = {}
         for match, ffn in zip(context.matches, context.matched_modules):
-            if match.hint_index is None:
+            if match.index is None:
                 continue
             first = first_linear(ffn)
             if first is None:  # the pattern saw Linears; a module calling foreign ones is not adaptable here
@@ -81,7 +81,7 @@ def rule(bottleneck_dim: int = 16, activation: str = "gelu", layers: Optional[Se
 
 def add_adapter(site: Site) -> Any:
     """After an adapted FFN: its output plus the adapter's branch on it."""
-    if site.match.hint_index is None:
+    if site.match.index is None:
         return None
     return site.stream + site.module(adapter_path(site.match.name))(site.stream)
 

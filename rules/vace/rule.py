@@ -223,7 +223,7 @@ def inject_hint(site: Site, family: VaceProfile = FALLBACK) -> Any:
     Several contexts are added one after another in their order, ``(x + h0_k * s0_k) + h1_k * s1_k
     ...``, as ComfyUI's ``VaceWanModel`` does (``x += c_skip * vace_strength[i]`` per context).
     """
-    index = site.match.hint_index
+    index = site.match.index
     if index is None:
         return None
     x = site.stream

@@ -47,10 +47,10 @@ def short_where(where: str, width: int = WHERE_WIDTH) -> str:
 
 def matches_table(matches: Sequence[Any]) -> Table:
     table = Table(title=f"Matches ({len(matches)})", title_justify="left")
-    for col in ("#", "module", "class", "hint"):
+    for col in ("#", "module", "class", "index"):
         table.add_column(col)
     for m in matches:
-        table.add_row(str(m.position), verbatim(m.name), verbatim(m.cls), "-" if m.hint_index is None else str(m.hint_index))
+        table.add_row(str(m.position), verbatim(m.name), verbatim(m.cls), "-" if m.index is None else str(m.index))
     return table
 
 

@@ -15,12 +15,20 @@ from .pattern import CallView, Pattern, view_of
 
 @dataclass(frozen=True)
 class Match:
-    """One matched unit: its module path, class (for reports), chain position, hint index."""
+    """One matched unit: its module path, class (for reports), position in execution order,
+    and ``index``, the rule's own numbering of the units it acts on (``Rule.assign``; ``None``:
+    the rule leaves this unit alone)."""
 
     name: str
     cls: str
     position: int
-    hint_index: int | None = None
+    index: int | None = None
+
+    def __setstate__(self, state: dict) -> None:
+        # Models pickled before the field was renamed carry ``hint_index``.
+        if "hint_index" in state:
+            state = {**state, "index": state.pop("hint_index")}
+        self.__dict__.update(state)
 
 
 @dataclass(frozen=True)

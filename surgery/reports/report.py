@@ -22,7 +22,7 @@ from surgery.reports.diff import diff_graphs, group_changes
 from surgery.reports.files import atomic_write_many
 from surgery.reports.mermaid import mermaid_region
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
@@ -144,7 +144,7 @@ def build_report(
         "rule": str(rule.name),
         "options": jsonable(dict(getattr(rule, "options", None) or {})),
         "matches": [
-            {"name": m.name, "class": m.cls, "position": int(m.position), "hint_index": m.hint_index}
+            {"name": m.name, "class": m.cls, "position": int(m.position), "index": m.index}
             for m in result.matches
         ],
         "grafted": [{"name": g.name, "params": int(g.params)} for g in result.grafted],
@@ -247,6 +247,11 @@ def _lora_markdown(lora: Mapping[str, Any] | None) -> list[str]:
     return out
 
 
+def _match_index(match: Mapping[str, Any]) -> int | None:
+    """A match's ``index``; reports of schema 1 called it ``hint_index``."""
+    return match["index"] if "index" in match else match.get("hint_index")
+
+
 def render_markdown(report: Mapping[str, Any], base_graph: torch.fx.Graph | None, rewritten_graph: torch.fx.Graph | None) -> str:
     """The reviewer's page: summary, tables, the rewritten region as Mermaid, and the graph diff."""
     source = f" ({report['source']})" if report.get("source") else ""
@@ -257,8 +262,9 @@ def render_markdown(report: Mapping[str, Any], base_graph: torch.fx.Graph | None
         out += ["Rule options: " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in options.items()), ""]
 
     out += ["## Matches", ""]
-    rows = [(m["position"], m["name"], m["class"], "" if m["hint_index"] is None else m["hint_index"]) for m in report["matches"]]
-    out += (_table(("position", "module", "class", "hint index"), rows) if rows else ["No matches."]) + [""]
+    rows = [(m["position"], m["name"], m["class"], "" if _match_index(m) is None else _match_index(m))
+            for m in report["matches"]]
+    out += (_table(("position", "module", "class", "index"), rows) if rows else ["No matches."]) + [""]
 
     out += ["## Grafted modules", ""]
     rows = [(g["name"], f"{g['params']:,}") for g in report["grafted"]]

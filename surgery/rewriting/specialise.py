@@ -195,7 +195,7 @@ class _Placed:
         if result is not None:
             for node in self.created:
                 node.meta.setdefault("surgery", {"rule": self.rule.name, "role": "inject",
-                                                 "index": self.match.hint_index})
+                                                 "index": self.match.index})
         return result
 
     def reroute(self, old: fx.Node, new: Any, replaced: dict[fx.Node, fx.Node], only: set | None = None,

@@ -231,7 +231,7 @@ class Session:
                         contexts=contexts)
 
     def hinted_layers(self) -> int:
-        return len({m.hint_index for m in self.result.matches if m.hint_index is not None})
+        return len({m.index for m in self.result.matches if m.index is not None})
 
     # ----- numeric verdicts -------------------------------------------------------------
     def numeric(self, name: str, pairs: list[tuple[Scenario, Any, Any]], extra: str = "",

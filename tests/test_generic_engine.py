@@ -1,0 +1,23 @@
+"""The engine names no rule (#12): generic match indices, old reports and pickles still read."""
+from __future__ import annotations
+
+import pickle
+
+from surgery.matching.matcher import Match
+from surgery.reports.report import render_markdown
+
+
+def test_a_match_pickled_with_the_old_field_name_reads_its_index():
+    old = Match.__new__(Match)
+    old.__dict__.update({"name": "blocks.2", "cls": "Block", "position": 2, "hint_index": 1})
+    restored = pickle.loads(pickle.dumps(old))
+    assert (restored.index, restored) == (1, Match("blocks.2", "Block", 2, 1))
+
+
+def test_a_schema_1_report_with_hint_index_renders_its_indices():
+    report = {"rule": "vace", "model": "M", "source": None, "options": {}, "grafted": [], "guards": [],
+              "dry_run": True, "graph": {}, "validation": None, "golden": None, "timings": {}, "lora": {},
+              "matches": [{"name": "blocks.0", "class": "Block", "position": 0, "hint_index": 3},
+                          {"name": "blocks.1", "class": "Block", "position": 1, "hint_index": None}]}
+    page = render_markdown(report, None, None)
+    assert "| 0 | blocks.0 | Block | 3 |" in page and "| 1 | blocks.1 | Block |  |" in page
