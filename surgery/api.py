@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .entry import CallChecks, EntryPoint, LatentCheck, model_on_meta, parameter_of
 from .errors import ArgumentError, CallError, GraftError, OrderError
-from .lora.order import peft_owner
+from .lora.order import build_order, peft_owner
 from .matching.matcher import Match
 from .module import SurgeryState, rewritten_class
 from .rewriting.compiled import retarget_compiled
@@ -65,8 +65,8 @@ class ApplyResult:
 
 
 def check_order(model: nn.Module, rule: Rule) -> None:
-    """Refuse models that already carry this rule's grafts or LoRA layers (Base -> VACE -> LoRA)."""
-    order = "surgery runs in the order Base -> VACE -> LoRA"
+    """Refuse models that already carry this rule's grafts or LoRA layers (Base -> rule -> LoRA)."""
+    order = f"surgery runs in the order {build_order(rule.name)}"
     if "_surgery" in model.__dict__:
         raise OrderError(f"the model was already rewritten by rule '{model.__dict__['_surgery'].rule.name}'",
                          f"apply rules to the original base model; {order}")
@@ -82,21 +82,22 @@ def check_order(model: nn.Module, rule: Rule) -> None:
 
 
 def _stream_source(view_stream: fx.Node, inputs: dict[str, fx.Node]) -> tuple[str | None, str | None]:
-    """The input and the leaf module that embed the residual stream (e.g. a patch embedding)."""
+    """The call input the residual stream comes from, and the nearest leaf module call that produced it
+    (e.g. a patch embedding)."""
     seen, stack = set(), [view_stream]
-    embedder = None
+    source = None
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
-        if node.op == "call_module" and embedder is None:
-            embedder = node.target
+        if node.op == "call_module" and source is None:
+            source = node.target
         stack.extend(node.all_input_nodes)
     for name, node in inputs.items():  # in call order: the latent before the conditioning
         if node in seen and isinstance(node.meta.get("example_value"), torch.Tensor):
-            return name, embedder
-    return None, embedder
+            return name, source
+    return None, source
 
 
 def apply(model: nn.Module, rule: Rule, *, example_inputs: tuple[tuple, dict], dry_run: bool = False,
@@ -219,10 +220,10 @@ def _apply(model: nn.Module, rule: Rule, example_inputs: tuple[tuple, dict], dry
     t0 = time.perf_counter()
     result = match(trace, twin, rule, new)
     match_s = time.perf_counter() - t0
-    latent_name, embedder_path = _stream_source(result.views[0].stream_in, trace.inputs)
+    latent_name, source_path = _stream_source(result.views[0].stream_in, trace.inputs)
     state.latent_input = latent_name
     state.checks = CallChecks(entry, tuple(rule.inputs), parameter_of(entry, positional, keywords, latent_name),
-                              LatentCheck.of(embedder_path, new.get_submodule(embedder_path) if embedder_path else None,
+                              LatentCheck.of(source_path, new.get_submodule(source_path) if source_path else None,
                                              inputs.get(latent_name) if latent_name else None))
     timings = {"trace_s": trace_s, "match_s": match_s}
     if dry_run:
@@ -232,7 +233,7 @@ def _apply(model: nn.Module, rule: Rule, example_inputs: tuple[tuple, dict], dry
                            lambda: trace.graph, timings, dict(trace.leaf_calls), dry_run=True)
 
     t0 = time.perf_counter()
-    grafted, modules = _graft(new, rule, result.matches, embedder_path, graft_init)
+    grafted, modules = _graft(new, rule, result.matches, source_path, graft_init)
     add_modules(tracer, twin, modules)
     timings["graft_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -259,13 +260,13 @@ def _example_inputs(rule: Rule, latent: Any, model: nn.Module, given: dict[str, 
     return rule.example(latent, model)
 
 
-def _graft(new: nn.Module, rule: Rule, matches: list[Match], embedder_path: str | None,
+def _graft(new: nn.Module, rule: Rule, matches: list[Match], source_path: str | None,
            init: str) -> tuple[list[Grafted], dict[str, nn.Module]]:
     context = GraftContext(
         model=new,
         matches=matches,
         matched_modules=[new.get_submodule(m.name) for m in matches],
-        stream_embedder=new.get_submodule(embedder_path) if embedder_path else None,
+        stream_source=new.get_submodule(source_path) if source_path else None,
         root_attributes={k: v for k, v in vars(new).items() if not k.startswith("_")},
         init=init,
     )

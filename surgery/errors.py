@@ -29,7 +29,7 @@ class MatchError(SurgeryError):
 
 
 class OrderError(SurgeryError):
-    """Surgery was asked in the wrong order (Base -> VACE -> LoRA)."""
+    """Surgery was asked in the wrong order (Base -> rules -> LoRA, e.g. Base -> vace -> LoRA)."""
 
 
 class GraftError(SurgeryError):

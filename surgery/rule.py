@@ -69,12 +69,19 @@ class Site:
 
 @dataclass
 class GraftContext:
-    """What a graft builder sees: the new model, the matched modules, the stream's embedder."""
+    """What a graft builder sees.
+
+    ``model`` is the new model (grafts go into it), ``matches`` and ``matched_modules`` the
+    matched units in execution order, ``stream_source`` the leaf module that produced the
+    matched chain's input stream (the nearest module call the first unit's input comes from, e.g.
+    a patch embedding; ``None`` when the stream is a model input), ``root_attributes`` the
+    model's public instance attributes, ``init`` the ``graft_init`` of :func:`surgery.apply`.
+    """
 
     model: nn.Module
     matches: list[Match]
     matched_modules: list[nn.Module]
-    stream_embedder: nn.Module | None
+    stream_source: nn.Module | None
     root_attributes: Mapping[str, Any]
     init: str = "zeros"
 

@@ -34,7 +34,7 @@ def adapter_rule() -> Any:
     from surgery.rule import Where
 
     def grafts(context: Any) -> dict[str, nn.Module]:
-        dim = context.stream_embedder.out_channels
+        dim = context.stream_source.out_channels
         return {"adapters": nn.ModuleList(nn.Linear(dim, dim) for _ in context.matches)}
 
     def after(site: Any) -> Any:

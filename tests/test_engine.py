@@ -143,11 +143,11 @@ def test_rewritten_model_refuses_second_surgery_and_lora_first():
     base = pipeline.build("tiny", seed=0)
     call = example_call(base, pipeline)
     result = surgery.apply(base, vace.rule(), example_inputs=call)
-    with pytest.raises(OrderError, match="Base -> VACE -> LoRA"):
+    with pytest.raises(OrderError, match="Base -> vace -> LoRA"):
         surgery.apply(result.module, vace.rule(), example_inputs=call)
     import peft
     wrapped = peft.get_peft_model(pipeline.build("tiny", seed=0), peft.LoraConfig(target_modules=["blocks.0.ffn.0"]))
-    with pytest.raises(OrderError, match="Base -> VACE -> LoRA"):
+    with pytest.raises(OrderError, match="Base -> vace -> LoRA"):
         surgery.apply(wrapped, vace.rule(), example_inputs=call)
 
 

@@ -580,7 +580,8 @@ def test_cli_match_errors_exit_2(argv, needle, capsys):
 
 # --- row: surgery on a model that already has VACE or LoRA ----------------------------------
 
-ORDER = "Base -> VACE -> LoRA"
+ORDER = "Base -> VACE -> LoRA"  # the VACE weights loader's order
+SURGERY_ORDER = "Base -> vace -> LoRA"  # surgery's order names the rule
 
 
 def _lora(model: nn.Module, wrap: str) -> nn.Module:
@@ -610,7 +611,7 @@ def test_surgery_out_of_order_is_refused(case, needle):
     with pytest.raises(OrderError) as info:
         surgery.apply(model, vace.rule(), example_inputs=inputs)
     message = one_line(info.value)
-    assert needle in message and ORDER in message, message
+    assert needle in message and SURGERY_ORDER in message, message
     before.assert_unchanged(model)
 
 
@@ -631,7 +632,7 @@ def lora_factory():
 
 def test_cli_lora_wrapped_model_exit_2(capsys):
     line = cli_error(["apply", f"{HERE}:lora_factory"], capsys)
-    assert "already LoRA-wrapped" in line and ORDER in line
+    assert "already LoRA-wrapped" in line and SURGERY_ORDER in line
 
 
 # --- row: vace_context that does not fit the latent (at call time) --------------------------

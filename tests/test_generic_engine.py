@@ -21,3 +21,11 @@ def test_a_schema_1_report_with_hint_index_renders_its_indices():
                           {"name": "blocks.1", "class": "Block", "position": 1, "hint_index": None}]}
     page = render_markdown(report, None, None)
     assert "| 0 | blocks.0 | Block | 3 |" in page and "| 1 | blocks.1 | Block |  |" in page
+
+
+def test_the_order_names_the_rules():
+    from surgery.lora.order import build_order
+
+    assert build_order("vace") == "Base -> vace -> LoRA"
+    assert build_order("vace", "ffn-adapter") == "Base -> vace -> ffn-adapter -> LoRA"
+    assert build_order() == "Base -> surgery -> LoRA"

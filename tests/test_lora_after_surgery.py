@@ -378,15 +378,15 @@ def test_order_is_enforced(tmp_path):
     wrapped = get_peft_model(base, lora_config(["blocks.0.self_attn.q"]))
     with pytest.raises(OrderError) as info:
         surgery.apply(wrapped, vace.rule(), example_inputs=call)
-    assert "Base -> VACE -> LoRA" in str(info.value) and "\n" not in str(info.value)
-    with pytest.raises(OrderError, match="Base -> VACE -> LoRA"):
+    assert "Base -> vace -> LoRA" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(OrderError, match="Base -> vace -> LoRA"):
         surgery.apply(base, vace.rule(), example_inputs=call)
 
     # LoRA after surgery is the right order; surgery, or VACE weights, after it are not.
     get_peft_model(pair.model, lora_config(["blocks.1.ffn.0", "vace_blocks.0.ffn.0"]))
-    with pytest.raises(OrderError, match="Base -> VACE -> LoRA"):
+    with pytest.raises(OrderError, match="Base -> vace -> LoRA"):
         surgery.apply(pair.model, vace.rule(), example_inputs=call)
-    with pytest.raises(OrderError, match="Base -> VACE -> LoRA"):
+    with pytest.raises(OrderError, match="Base -> vace -> LoRA"):
         check_order(pair.model)
     path = tmp_path / "vace2.safetensors"
     save_file(random_vace_state_dict(pair.reference, seed=4), str(path))

@@ -319,7 +319,7 @@ def test_check_order(tmp_path):
     model = Grafted()
     check_order(model)  # plain model: fine
     load_lora_file(model, write_lora(tmp_path / "l.safetensors", SCHEMES["peft"]))
-    with pytest.raises(OrderError, match="Base -> VACE -> LoRA") as info:
+    with pytest.raises(OrderError, match="Base -> surgery -> LoRA") as info:
         check_order(model)
     assert "blocks.0.self_attn.q" in str(info.value)
 

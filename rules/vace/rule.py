@@ -75,7 +75,7 @@ def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_la
         return chosen.index(position) if position in chosen else None
 
     def grafts(context: GraftContext) -> dict[str, nn.Module]:
-        embedder = context.stream_embedder
+        embedder = context.stream_source
         block = context.matched_modules[0]
         if not isinstance(embedder, (nn.Conv3d, nn.Conv2d)):
             raise RuleError(f"the residual stream is not produced by a convolutional patch embedding "

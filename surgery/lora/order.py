@@ -1,4 +1,4 @@
-"""The build order Base -> VACE -> LoRA, enforced.
+"""The build order Base -> rules -> LoRA (e.g. Base -> vace -> LoRA), enforced.
 
 Surgery rebuilds blocks and copies weights by their native state_dict names; once PEFT
 has wrapped a Linear its weight lives at ``...q.base_layer.weight`` and the adapters at
@@ -12,6 +12,20 @@ import sys
 from torch import nn
 
 from surgery.errors import OrderError
+
+
+def build_order(*rule_names: str) -> str:
+    """The build order naming the rules: ``Base -> vace -> LoRA`` (``Base -> surgery -> LoRA`` for none)."""
+    return " -> ".join(("Base", *(rule_names or ("surgery",)), "LoRA"))
+
+
+def applied_rules(model: nn.Module) -> tuple[str, ...]:
+    """Names of the rules that rewrote ``model`` (PEFT wrappers looked through), in order; empty for none."""
+    for module in model.modules():
+        state = module.__dict__.get("_surgery")
+        if state is not None:
+            return (state.rule.name,)
+    return ()
 
 
 def peft_imported() -> bool:
@@ -44,7 +58,7 @@ def peft_owner(model: nn.Module) -> tuple[str, str] | None:
 def check_order(model: nn.Module) -> None:
     """Raise :class:`OrderError` if ``model`` is a PEFT model or already has LoRA layers.
 
-    Call it before any surgery; LoRA belongs last: Base -> VACE -> LoRA.
+    Call it before any surgery; LoRA belongs last: Base -> rules -> LoRA.
     """
     if not peft_imported():
         return
@@ -52,9 +66,9 @@ def check_order(model: nn.Module) -> None:
     from peft.tuners.tuners_utils import BaseTuner
 
     fix = (
-        "build in the order Base -> VACE -> LoRA: run the surgery and load the VACE weights on the plain base "
-        "model, then load LoRAs; if LoRA was applied first, start again from the base model (or merge_and_unload() "
-        "the adapters first)"
+        f"build in the order {build_order(*applied_rules(model))}: run the surgery and load its weights on the plain "
+        "base model, then load LoRAs; if LoRA was applied first, start again from the base model (or "
+        "merge_and_unload() the adapters first)"
     )
     if isinstance(model, (PeftModel, BaseTuner)):
         raise OrderError(f"the model is already a PEFT {type(model).__name__}, so surgery would come after LoRA", fix)
