@@ -20,7 +20,10 @@ Comparisons (candidate vs baseline, same file, same model):
 * ``convert f32->bf16``: the default with conversion vs ``load_file`` + ``load_state_dict``
   (which converts in ``copy_``): the target pair.
 * ``mmap bf16->bf16``: ``mmap=True`` (parameters become the file's mapped tensors, checked)
-  vs plain ``load_file`` reading every byte of its mapped tensors: the target pair.
+  vs plain ``load_file`` reading every byte of its mapped tensors: a target pair.
+* ``mmap bf16->bf16, both into the model``: the same against ``load_file`` +
+  ``load_state_dict(assign=True)`` reading every byte: the same end state (the model's
+  parameters are the file's mapped tensors), without the checks: a target pair.
 * ``copy vs mapped load_file``: the default vs plain ``load_file`` reading every byte; for
   information only: a copy into fresh memory cannot cost what mapping page-cache pages costs.
 ``--populated`` also measures the ``load_state_dict`` pairs on a model whose pages were
@@ -50,6 +53,8 @@ COMPARISONS: dict[str, tuple[str, str, str, str, bool]] = {
     "copy bf16->bf16": ("bfloat16", "bfloat16", "load_vace_weights", "load_file + load_state_dict", True),
     "convert f32->bf16": ("float32", "bfloat16", "load_vace_weights", "load_file + load_state_dict", True),
     "mmap bf16->bf16": ("bfloat16", "bfloat16", "load_vace_weights mmap=True", "load_file, every byte read", True),
+    "mmap bf16->bf16, both into the model": ("bfloat16", "bfloat16", "load_vace_weights mmap=True",
+                                             "load_file + load_state_dict(assign=True), every byte read", True),
     "copy vs mapped load_file": ("bfloat16", "bfloat16", "load_vace_weights", "load_file, every byte read", False),
 }
 POPULATED = {
@@ -135,6 +140,11 @@ def child(method: str, file: str, dim: int, ffn: int, blocks: int, dtype_name: s
             t.view(-1).view(torch.uint8).max()  # its tensors are lazily mapped: make it read them
     elif method == "load_file + load_state_dict":
         model.load_state_dict(load_file(file), strict=True)
+    elif method == "load_file + load_state_dict(assign=True), every byte read":
+        loaded = load_file(file)
+        model.load_state_dict(loaded, strict=True, assign=True)  # the parameters become the mapped tensors
+        for t in loaded.values():
+            t.view(-1).view(torch.uint8).max()
     else:
         load_vace_weights(model, file, mmap=method.endswith("mmap=True"))
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start

@@ -268,6 +268,8 @@ def test_all_finite_is_exact_where_sums_overflow():
         f8 = torch.tensor([1.0, float("inf")]).to(torch.float8_e5m2)
         assert not all_finite(f8) and all_finite(f8[:1])
     assert all_zero(torch.tensor([0.0, -0.0])) and not all_zero(torch.tensor([0.0, 1e-30]))
+    assert not all_zero(torch.tensor([0.0, float("nan")])) and all_zero(torch.zeros(0))
+    assert all_zero(torch.zeros(5, dtype=torch.bfloat16)) and not all_zero(torch.tensor([0.0, -2.0]).half())
 
 
 # --------------------------------------------------------------------------- index confinement

@@ -37,5 +37,12 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def all_zero(t: torch.Tensor) -> bool:
-    """True if every element of ``t`` is zero (``-0.0`` included)."""
-    return not bool((t if t.dtype in _SUM_DTYPE else t.float()).any())
+    """True if every element of ``t`` is zero (``-0.0`` included).
+
+    One ``aminmax`` pass (a NaN makes both ends NaN, so it is never all zero); ``any`` is
+    several times slower on reduced-precision floats.
+    """
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t if t.dtype in _SUM_DTYPE else t.float())
+    return float(lo) == 0.0 == float(hi)
