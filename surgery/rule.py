@@ -122,6 +122,8 @@ class Rule:
             count's error tells the user to set it. ``None``: the rule has none.
         reference: the rule written by hand, for validation (:class:`Reference`); ``None``:
             the model's owner provides the reference (``surgery.validation.Harness``).
+        lora_schemes: ``lora_schemes(model)`` gives the rule's own LoRA target namings
+            (:class:`surgery.lora.TargetScheme`) for a model it rewrote; ``None``: none.
         assign: gives each match its index for the actions (``None`` = not acted on).
         grafts: builds the new modules, keyed by their dotted path in the model
             (``adapters`` on the root, ``blocks.3.ffn_adapter`` inside a block); each is
@@ -156,3 +158,4 @@ class Rule:
     bind: Callable[["Rule", nn.Module], "Rule"] | None = None
     count_option: str | None = None
     reference: Reference | None = None
+    lora_schemes: Callable[[nn.Module], "Sequence[Any]"] | None = None

@@ -29,3 +29,27 @@ def test_the_order_names_the_rules():
     assert build_order("vace") == "Base -> vace -> LoRA"
     assert build_order("vace", "ffn-adapter") == "Base -> vace -> ffn-adapter -> LoRA"
     assert build_order() == "Base -> surgery -> LoRA"
+
+
+def test_lora_naming_of_the_rule_comes_from_the_rule(tmp_path):
+    """A Ditto key (``blocks.N.vace.*``) loads into a VACE-rewritten model through the rule's own
+    scheme: N is the main layer the VACE block feeds, read from the model's matches."""
+    import torch
+    from safetensors.torch import save_file
+
+    import surgery
+    from examples import PIPELINES
+    from examples.driver import example_call
+    from rules import vace
+    from surgery.lora import load_lora_file
+
+    pipeline = PIPELINES["longlive"]
+    base = pipeline.build("tiny", seed=0)
+    model = surgery.apply(base, vace.rule(), example_inputs=example_call(base, pipeline)).module
+    assert vace.model_layers(model) == (0, 2)  # every second of the four blocks
+    linear = model.vace_blocks[1].ffn[0]
+    path = tmp_path / "ditto.safetensors"
+    save_file({"diffusion_model.blocks.2.vace.ffn.0.lora_A.weight": torch.ones(2, linear.in_features),
+               "diffusion_model.blocks.2.vace.ffn.0.lora_B.weight": torch.ones(linear.out_features, 2)}, str(path))
+    report = load_lora_file(model, path)
+    assert report.targets == ("vace_blocks.1.ffn.0",) and "blocks.N.vace (Ditto)" in report.schemes

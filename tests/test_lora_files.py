@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from rules import vace
 from rules.vace.keymaps import DIFFUSERS_TO_NATIVE, NATIVE_TO_DIFFUSERS
 from surgery.errors import MatchError, OrderError, RuleError, SurgeryError, WeightsError
 from surgery.lora import check_order, load_lora_file, module_targeted_targets, peft_layer_names
@@ -132,7 +133,7 @@ def test_all_schemes_load_the_same_adapter(tmp_path):
     for name, scheme in SCHEMES.items():
         model = Grafted()
         path = write_lora(tmp_path / f"{name.replace('/', '_').replace(' ', '_')}.safetensors", scheme)
-        report = load_lora_file(model, path, vace_layers=VACE_LAYERS)
+        report = load_lora_file(model, path, schemes=vace.lora_schemes(VACE_LAYERS))
         assert report.model is model and type(model) is Grafted
         assert set(report.targets) == set(TARGETS) and (report.main_targets, report.vace_targets) == (3, 3)
         assert report.ranks == {4: 5, 2: 1} and report.with_alpha == 4
@@ -254,11 +255,14 @@ def test_incomplete_pair_and_nan(tmp_path):
 
 def test_ditto_needs_vace_layers(tmp_path):
     path = write_lora(tmp_path / "d.safetensors", SCHEMES["ditto"])
-    expect_unchanged_error(Grafted(), "needs the model's vace_layers", path)
-    expect_unchanged_error(Grafted(), "main layer 2, but vace_layers is \\[0, 1\\]", path, vace_layers=[0, 1])
+    expect_unchanged_error(Grafted(), "needs the model's vace_layers", path, schemes=vace.lora_schemes(None))
+    expect_unchanged_error(Grafted(), "main layer 2, but vace_layers is \\[0, 1\\]", path,
+                           schemes=vace.lora_schemes([0, 1]))
     model = Grafted()
-    model.vace_layers = list(VACE_LAYERS)  # taken from the module when not passed
-    assert load_lora_file(model, path).vace_targets == 3
+    model.vace_layers = list(VACE_LAYERS)  # the hand-written reference's attribute
+    assert load_lora_file(model, path, schemes=vace.lora_schemes(vace.model_layers(model))).vace_targets == 3
+    # Without the rule's schemes a Ditto key is an ordinary (missing) target: the engine knows no VACE naming.
+    expect_unchanged_error(Grafted(), "blocks.2.vace", path)
 
 
 def test_pickle_and_peft_model_refused(tmp_path):
@@ -391,12 +395,20 @@ def test_bad_scale_is_refused_before_anything_is_injected(scale, needle, tmp_pat
     assert load_lora_file(model, path, scale=1.0).scale == 1.0  # then the same call with a good scale works
 
 
+@pytest.mark.parametrize("layers, needle", [
+    ("0,2", "vace_layers must be a sequence of non-negative ints, got '0,2'"),
+    ([0, 1.5], "vace_layers must be a sequence of non-negative ints"),
+])
+def test_bad_vace_layers_for_the_ditto_scheme_are_one_line_errors(layers, needle):
+    with pytest.raises(WeightsError, match=needle) as info:
+        vace.lora_schemes(layers)
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("kwargs, needle", [
     ({"adapter_name": ""}, "adapter_name '' is not a usable adapter name"),
     ({"adapter_name": "a.b"}, "adapter_name 'a.b' is not a usable"),
     ({"adapter_name": 3}, "adapter_name 3 is not a usable"),
-    ({"vace_layers": "0,2"}, "vace_layers must be a sequence of non-negative ints, got '0,2'"),
-    ({"vace_layers": [0, 1.5]}, "vace_layers must be a sequence of non-negative ints"),
     ({"strip_prefixes": "diffusion_model."}, "strip_prefixes must be a sequence of strings"),
     ({"key_map": 5}, "key_map must be a sequence"),
 ])

@@ -5,15 +5,17 @@
 * :mod:`.rule`: the rule itself (:func:`rule`) and its actions, registered as ``vace`` in ``rules.RULES``;
 * :mod:`.inputs`: the call inputs (control contexts and scales), checked before any graph runs;
 * :mod:`.keymaps`: checkpoint key maps between the diffusers and the native layout;
+* :mod:`.lora_keys`: the Wan2GP "Ditto" LoRA key scheme (``blocks.N.vace.*``).
 """
 from __future__ import annotations
 
 from .config import OPTIONS, check_layers
 from .inputs import check_context, check_inputs, several_contexts
 from .keymaps import DIFFUSERS_TO_NATIVE, NATIVE_TO_DIFFUSERS
+from .lora_keys import check_vace_layers, lora_schemes, model_layers
 from .profiles import DIFFUSERS, FALLBACK, PROFILES, WAN, Detect, VaceProfile, detect, resolve
 from .rule import NAME, branch_hints, compute_hints, inject_hint, normalise_scale, rule
 
 __all__ = ["DIFFUSERS", "DIFFUSERS_TO_NATIVE", "FALLBACK", "NAME", "NATIVE_TO_DIFFUSERS", "OPTIONS", "PROFILES", "WAN",
-           "Detect", "VaceProfile", "branch_hints", "check_context", "check_inputs", "check_layers", "compute_hints",
-           "detect", "inject_hint", "normalise_scale", "resolve", "rule", "several_contexts"]
+           "Detect", "VaceProfile", "branch_hints", "check_context", "check_inputs", "check_layers", "check_vace_layers", "compute_hints",
+           "detect", "inject_hint", "lora_schemes", "model_layers", "normalise_scale", "resolve", "rule", "several_contexts"]

@@ -31,6 +31,7 @@ from surgery.tracing.policy import TracePolicy
 
 from .config import OPTIONS, check_layers
 from .inputs import check_inputs, normalise_scale
+from .lora_keys import lora_schemes, model_layers
 from .profiles import FALLBACK, PROFILES, VaceProfile, detect, resolve
 
 NAME = "vace"
@@ -141,6 +142,7 @@ def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_la
         example=example,
         bind=bind if profile is None else None,
         count_option="num_layers",
+        lora_schemes=lambda model: lora_schemes(model_layers(model), family.blocks),
     )
     return unbound
 

@@ -87,9 +87,9 @@ def _base_fits(module: nn.Module, names: list[str], table: Any) -> bool:
 
 
 def _lora_fits(module: nn.Module, names: list[str], table: Any) -> bool:
-    from surgery.lora import parse_lora_keys
+    from surgery.lora import parse_lora_keys, rule_schemes
 
-    parsed = parse_lora_keys(names, key_map=table, vace_layers=getattr(module, "vace_layers", None))
+    parsed = parse_lora_keys(names, key_map=table, schemes=rule_schemes(module))
     modules = dict(module.named_modules())
     return bool(parsed.targets) and not parsed.unrecognized and all(t in modules for t in parsed.targets)
 

@@ -45,17 +45,6 @@ def check_scale(scale: Any) -> float:
     return value
 
 
-def check_vace_layers(vace_layers: Any) -> tuple[int, ...] | None:
-    """``vace_layers`` as a tuple of non-negative ints (``None`` stays ``None``)."""
-    if vace_layers is None:
-        return None
-    items = list(vace_layers) if isinstance(vace_layers, Sequence) and not isinstance(vace_layers, str) else None
-    if items is None or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
-        raise WeightsError(f"vace_layers must be a sequence of non-negative ints, got {vace_layers!r}",
-                           "pass the main-layer index of each VACE block, e.g. vace_layers=[0, 2]")
-    return tuple(items)
-
-
 def check_strip_prefixes(prefixes: Any) -> tuple[str, ...]:
     """``strip_prefixes`` as a tuple of strings (a bare string would be read character by character)."""
     if isinstance(prefixes, str) or not isinstance(prefixes, Sequence) or not all(isinstance(p, str) for p in prefixes):
@@ -64,4 +53,4 @@ def check_strip_prefixes(prefixes: Any) -> tuple[str, ...]:
     return tuple(prefixes)
 
 
-__all__ = ["check_adapter_name", "check_path", "check_scale", "check_strip_prefixes", "check_vace_layers"]
+__all__ = ["check_adapter_name", "check_path", "check_scale", "check_strip_prefixes"]

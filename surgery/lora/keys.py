@@ -7,13 +7,14 @@ Recognised per-target suffixes (after prefix stripping and the optional key map)
 * ``<target>.lora_down.weight`` / ``<target>.lora_up.weight``         (kohya/ComfyUI: down = A, up = B)
 * ``<target>.alpha``                                                  (optional scalar; scaling = alpha / rank)
 
-Targets of the Wan2GP "Ditto" scheme, ``blocks.N.vace.<sub>`` with ``N`` the *main-layer*
-index, become ``vace_blocks.K.<sub>`` with ``K = vace_layers.index(N)``.
+A rule may name the targets in its grafted modules its own way: it gives
+:class:`TargetScheme` objects (``Rule.lora_schemes``), each renaming the targets it recognises
+(e.g. VACE's ``blocks.N.vace.*``, :mod:`rules.vace.lora_keys`).
 """
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from surgery.errors import WeightsError
@@ -27,8 +28,21 @@ _SUFFIX_RE = re.compile(
     r"|(?P<kohya>lora_(?:up|down))\.weight"
     r"|(?P<alpha>alpha))$"
 )
-_DITTO_RE = re.compile(r"^blocks\.(?P<layer>\d+)\.vace\.(?P<rest>.+)$")
 _ROLE = {"lora_A": "A", "lora_B": "B", "lora_down": "A", "lora_up": "B"}
+
+
+@dataclass(frozen=True)
+class TargetScheme:
+    """A rule's own naming of LoRA targets.
+
+    ``rename(target, name)`` returns the model's module path for a stored ``target`` in this
+    scheme, or ``None`` when ``target`` is not in it; a target of the scheme that does not fit
+    the model raises :class:`~surgery.errors.WeightsError` (``name``: the stored tensor name,
+    for the message). ``label`` names the scheme in load reports.
+    """
+
+    label: str
+    rename: Callable[[str, str], "str | None"]
 
 
 @dataclass
@@ -46,37 +60,18 @@ class ParsedLora:
     unrecognized: list[str]
 
 
-def _ditto_target(target: str, vace_layers: Sequence[int] | None, name: str) -> str | None:
-    m = _DITTO_RE.match(target)
-    if not m:
-        return None
-    layer = int(m["layer"])
-    if vace_layers is None:
-        raise WeightsError(
-            f"LoRA key {name!r} uses the blocks.N.vace.* scheme, which needs the model's vace_layers to find "
-            "the VACE block",
-            "pass vace_layers=[...] (the main-layer index of each VACE block) to load_lora_file",
-        )
-    layers = list(vace_layers)
-    if layer not in layers:
-        raise WeightsError(
-            f"LoRA key {name!r} targets the VACE block at main layer {layer}, but vace_layers is {layers}",
-            "use the LoRA made for this model's vace_layers, or pass the vace_layers it was trained with",
-        )
-    return f"vace_blocks.{layers.index(layer)}.{m['rest']}"
-
-
 def parse_lora_keys(
     names: Iterable[str],
     *,
     strip_prefixes: Sequence[str] = DEFAULT_LORA_PREFIXES,
     key_map: KeyMap | None = None,
-    vace_layers: Sequence[int] | None = None,
+    schemes: Sequence[TargetScheme] = (),
 ) -> ParsedLora:
-    """Group stored LoRA tensor names by target module (module-relative, native names)."""
+    """Group stored LoRA tensor names by target module (module-relative, native names);
+    ``schemes`` rename the targets of a rule's own naming (the first that recognises one wins)."""
     compiled = compile_key_map(key_map)
     targets: dict[str, LoraTarget] = {}
-    schemes: set[str] = set()
+    seen: set[str] = set()
     unrecognized: list[str] = []
     adapters_seen: dict[str, str] = {}
     for name in names:
@@ -86,18 +81,20 @@ def parse_lora_keys(
             unrecognized.append(name)
             continue
         target = m["target"]
-        ditto = _ditto_target(target, vace_layers, name)
-        if ditto is not None:
-            target = ditto
-            schemes.add("blocks.N.vace (Ditto)")
+        for scheme in schemes:
+            renamed = scheme.rename(target, name)
+            if renamed is not None:
+                target = renamed
+                seen.add(scheme.label)
+                break
         if m["alpha"]:
             role = "alpha"
         else:
             kind = m["peft"] or m["kohya"]
             role = _ROLE[kind]
-            schemes.add("lora_up/lora_down" if m["kohya"] else "lora_A/lora_B")
+            seen.add("lora_up/lora_down" if m["kohya"] else "lora_A/lora_B")
             if m["adapter"]:
-                schemes.add("adapter name in keys")
+                seen.add("adapter name in keys")
                 adapters_seen.setdefault(target, m["adapter"])
                 if adapters_seen[target] != m["adapter"]:
                     raise WeightsError(
@@ -112,4 +109,4 @@ def parse_lora_keys(
                 "the file mixes key schemes for one layer; keep one",
             )
         entry.names[role] = name
-    return ParsedLora(targets, schemes, unrecognized)
+    return ParsedLora(targets, seen, unrecognized)

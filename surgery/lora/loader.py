@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from surgery.errors import WeightsError
-from surgery.lora.arguments import check_adapter_name, check_path, check_scale, check_strip_prefixes, check_vace_layers
-from surgery.lora.keys import DEFAULT_LORA_PREFIXES
+from surgery.lora.arguments import check_adapter_name, check_path, check_scale, check_strip_prefixes
+from surgery.lora.keys import DEFAULT_LORA_PREFIXES, TargetScheme
 from surgery.lora.plan import LoraPlan, plan_lora
 from surgery.lora.report import LoraLoadReport
 from surgery.lora.transaction import ModuleSnapshot
@@ -57,13 +57,23 @@ def _check_module(module: object, adapter_name: str) -> None:
         )
 
 
+def rule_schemes(module: nn.Module) -> tuple[TargetScheme, ...]:
+    """The LoRA naming schemes of the rule that rewrote ``module`` (a PEFT wrapper looked through)."""
+    for inner in module.modules():
+        state = inner.__dict__.get("_surgery")
+        if state is not None:
+            found = state.rule.lora_schemes
+            return tuple(found(inner)) if found is not None else ()
+    return ()
+
+
 def load_lora_file(
     module: nn.Module,
     path: str | Path,
     *,
     adapter_name: str = "default",
     scale: float = 1.0,
-    vace_layers: Sequence[int] | None = None,
+    schemes: Sequence[TargetScheme] | None = None,
     key_map: KeyMap | None = None,
     strip_prefixes: Sequence[str] = DEFAULT_LORA_PREFIXES,
 ) -> LoraLoadReport:
@@ -72,9 +82,9 @@ def load_lora_file(
     Accepted key schemes: ``<target>.lora_A/lora_B.weight`` (optionally with the adapter
     name inside, ``lora_A.default.weight``), ``lora_down/lora_up``, optional ``.alpha``,
     with or without a ``diffusion_model.``/``model.diffusion_model.``/``base_model.model.``/
-    ``transformer.`` prefix; targets under ``blocks.N`` and ``vace_blocks.K``; and the
-    ``blocks.N.vace.*`` scheme, mapped to ``vace_blocks.K`` through ``vace_layers`` (taken
-    from ``module.vace_layers`` when not given). ``key_map`` renames other layouts (e.g.
+    ``transformer.`` prefix; targets at the model's module paths; and the naming schemes of
+    the rule that rewrote ``module`` (``Rule.lora_schemes``, e.g. VACE's ``blocks.N.vace.*``),
+    or ``schemes`` when given. ``key_map`` renames other layouts (e.g.
     ``rules.vace.DIFFUSERS_TO_NATIVE``).
 
     Returns a report whose ``model`` is ``module`` itself (PEFT layers injected in place,
@@ -89,7 +99,7 @@ def load_lora_file(
 
     Raises:
         WeightsError: a bad argument (``scale`` not a finite real number, a bad
-            ``adapter_name``, ``vace_layers`` or ``strip_prefixes``), an unreadable/unsafe
+            ``adapter_name`` or ``strip_prefixes``, or a scheme's own check), an unreadable/unsafe
             file, unknown keys, missing or non-Linear targets, rank 0, rank/shape mismatch,
             NaN/Inf, values that overflow the model's dtype, or an adapter name already in use.
     """
@@ -99,8 +109,8 @@ def load_lora_file(
     path = check_path(path)
     strip_prefixes = check_strip_prefixes(strip_prefixes)
     _check_module(module, adapter_name)
-    vace_layers = check_vace_layers(getattr(module, "vace_layers", None) if vace_layers is None else vace_layers)
-    plan = plan_lora(module, str(path), scale=scale, vace_layers=vace_layers, key_map=key_map,
+    schemes = rule_schemes(module) if schemes is None else tuple(schemes)
+    plan = plan_lora(module, str(path), scale=scale, schemes=schemes, key_map=key_map,
                      strip_prefixes=strip_prefixes)
 
     snapshot = ModuleSnapshot(module)

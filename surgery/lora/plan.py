@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from surgery.errors import WeightsError
-from surgery.lora.keys import LoraTarget, parse_lora_keys
+from surgery.lora.keys import LoraTarget, TargetScheme, parse_lora_keys
 from surgery.weights.files import TensorEntry, open_tensors, read_tensor, resolve_checkpoint
 from surgery.weights.keys import KeyMap
 
@@ -80,7 +80,7 @@ def _linear_targets(module: nn.Module, targets: Sequence[str], where: str) -> di
             parts.append(f"{len(not_linear)} targets are not nn.Linear ({listing(sorted(not_linear))})")
         raise WeightsError(
             f"{where} does not fit the model: " + "; ".join(parts),
-            "use a LoRA trained for this model layout, or a key_map/vace_layers that maps its names",
+            "use a LoRA trained for this model layout, or a key_map (or the rule's schemes) that maps its names",
         )
     return layers
 
@@ -144,7 +144,7 @@ def plan_lora(
     path: str,
     *,
     scale: float,
-    vace_layers: Sequence[int] | None,
+    schemes: Sequence[TargetScheme],
     key_map: KeyMap | None,
     strip_prefixes: Sequence[str],
 ) -> LoraPlan:
@@ -158,7 +158,7 @@ def plan_lora(
     entries = resolve_checkpoint(path)
     files = tuple(sorted({str(e.file) for e in entries.values()}))
     where = ", ".join(files)
-    parsed = parse_lora_keys(entries, strip_prefixes=strip_prefixes, key_map=key_map, vace_layers=vace_layers)
+    parsed = parse_lora_keys(entries, strip_prefixes=strip_prefixes, key_map=key_map, schemes=schemes)
     if parsed.unrecognized:
         raise WeightsError(
             f"{where} has {len(parsed.unrecognized)} keys that are not LoRA A/B/alpha tensors "
