@@ -26,6 +26,7 @@ ENTRY_POINT_GROUP = "surgery.rules"
 _FACTORIES: dict[str, str] = {
     "vace": "rules.vace:rule",
     "ffn-adapter": "rules.ffn_adapter:rule",
+    "attention-swap": "rules.attention_swap:rule",
 }
 
 

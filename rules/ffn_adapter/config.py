@@ -1,13 +1,14 @@
 """The options of the ``ffn-adapter`` rule, as one documented, validated dataclass."""
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
 import torch.nn as nn
 
 from surgery.errors import RuleError
+
+from ..positions import checked_positions
 
 #: ``activation`` values and the layer each builds.
 ACTIVATIONS: dict[str, type[nn.Module] | tuple[type[nn.Module], dict]] = {
@@ -51,7 +52,7 @@ class FfnAdapterConfig:
             raise RuleError(f"num_ffns must be a positive integer, got {self.num_ffns!r}",
                             "omit it to accept any number of FFNs")
         if self.layers is not None:
-            object.__setattr__(self, "layers", _checked_layers(self.layers))
+            object.__setattr__(self, "layers", checked_positions(self.layers, "FFN"))
             self.check_range(self.num_ffns)
 
     def check_range(self, count: Optional[int]) -> None:
@@ -73,19 +74,6 @@ class FfnAdapterConfig:
 
 def _positive(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _checked_layers(layers: object) -> tuple[int, ...]:
-    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
-        raise RuleError(f"layers must be a list of FFN positions, got {layers!r}", "e.g. layers=[0, 2]")
-    values = list(layers)
-    if not values:
-        raise RuleError("layers is empty", "give at least one position, or None for every FFN")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-        raise RuleError(f"layers must hold non-negative integers, got {values!r}", "e.g. layers=[0, 2]")
-    if values != sorted(set(values)):
-        raise RuleError(f"layers {values} is not sorted and unique", f"use {sorted(set(values))}")
-    return tuple(values)
 
 
 __all__ = ["ACTIVATIONS", "FfnAdapterConfig"]

@@ -144,13 +144,16 @@ def _external_sequence(view: CallView, node: fx.Node, dim: int, stream: set[fx.N
     return False
 
 
-def self_attention(view: CallView) -> str | None:
+def self_attention_calls(view: CallView) -> list[fx.Node]:
+    """The opaque module calls of ``view`` that read the block's tokens and no external sequence."""
     stream = view.derived_from_stream()
     dim = _example(view.stream_in).shape[-1]
-    for node in _opaque_calls(view):
-        if node.args and node.args[0] in stream and not _external_sequence(view, node, dim, stream):
-            return None
-    return "no attention call that reads only the block's own tokens"
+    return [node for node in _opaque_calls(view)
+            if node.args and node.args[0] in stream and not _external_sequence(view, node, dim, stream)]
+
+
+def self_attention(view: CallView) -> str | None:
+    return None if self_attention_calls(view) else "no attention call that reads only the block's own tokens"
 
 
 def cross_attention(view: CallView) -> str | None:
