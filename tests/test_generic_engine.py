@@ -53,3 +53,13 @@ def test_lora_naming_of_the_rule_comes_from_the_rule(tmp_path):
                "diffusion_model.blocks.2.vace.ffn.0.lora_B.weight": torch.ones(linear.out_features, 2)}, str(path))
     report = load_lora_file(model, path)
     assert report.targets == ("vace_blocks.1.ffn.0",) and "blocks.N.vace (Ditto)" in report.schemes
+
+
+def test_lora_report_counts_targets_per_module_list_of_any_name():
+    from surgery.lora.report import LoraLoadReport
+
+    report = LoraLoadReport(model=None, adapter_name="a", files=(), schemes=(), ranks={}, with_alpha=0, scale=1.0,
+                            tensors=0, lora_dtypes={}, seconds=0.0,
+                            targets=("blocks.0.q", "blocks.1.ffn.0", "adapters.0.up", "head.head"))
+    assert report.groups == {"blocks": 2, "adapters": 1, "other": 1}
+    assert dict(report.as_rows())["targets"] == "4 (blocks: 2, adapters: 1, other: 1)"

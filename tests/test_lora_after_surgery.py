@@ -340,7 +340,7 @@ def test_lora_files_in_native_key_schemes(name, tmp_path):
                                alpha=FILE_ALPHA[adapter])
         report = load_lora_file(model, path, adapter_name=adapter, scale=FILE_SCALE[adapter])
         assert report.model is model and set(report.targets) == set(FILE_TARGETS[adapter])
-        assert report.vace_targets == sum(t.startswith("vace_blocks.") for t in FILE_TARGETS[adapter])
+        assert report.groups.get("vace_blocks", 0) == sum(t.startswith("vace_blocks.") for t in FILE_TARGETS[adapter])
         for target, (a, b) in values.items():
             layer = model.get_submodule(target)
             assert torch.equal(layer.lora_A[adapter].weight, a) and torch.equal(layer.lora_B[adapter].weight, b)

@@ -135,7 +135,7 @@ def test_all_schemes_load_the_same_adapter(tmp_path):
         path = write_lora(tmp_path / f"{name.replace('/', '_').replace(' ', '_')}.safetensors", scheme)
         report = load_lora_file(model, path, schemes=vace.lora_schemes(VACE_LAYERS))
         assert report.model is model and type(model) is Grafted
-        assert set(report.targets) == set(TARGETS) and (report.main_targets, report.vace_targets) == (3, 3)
+        assert set(report.targets) == set(TARGETS) and report.groups == {"blocks": 3, "vace_blocks": 3}
         assert report.ranks == {4: 5, 2: 1} and report.with_alpha == 4
         results[name] = adapter_weights(model)
         assert set(results[name]) == set(TARGETS)
@@ -260,7 +260,7 @@ def test_ditto_needs_vace_layers(tmp_path):
                            schemes=vace.lora_schemes([0, 1]))
     model = Grafted()
     model.vace_layers = list(VACE_LAYERS)  # the hand-written reference's attribute
-    assert load_lora_file(model, path, schemes=vace.lora_schemes(vace.model_layers(model))).vace_targets == 3
+    assert load_lora_file(model, path, schemes=vace.lora_schemes(vace.model_layers(model))).groups["vace_blocks"] == 3
     # Without the rule's schemes a Ditto key is an ordinary (missing) target: the engine knows no VACE naming.
     expect_unchanged_error(Grafted(), "blocks.2.vace", path)
 

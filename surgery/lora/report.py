@@ -28,22 +28,24 @@ class LoraLoadReport:
     seconds: float
 
     @property
-    def main_targets(self) -> int:
-        return sum(t.startswith("blocks.") for t in self.targets)
-
-    @property
-    def vace_targets(self) -> int:
-        return sum(t.startswith("vace_blocks.") for t in self.targets)
+    def groups(self) -> dict[str, int]:
+        """Targets per numbered module list (``{"blocks": 3, "vace_blocks": 3}``), in first-seen order;
+        targets outside one count under ``"other"``."""
+        counts: dict[str, int] = {}
+        for target in self.targets:
+            parts = target.split(".")
+            group = ".".join(parts[:next((i for i, p in enumerate(parts) if p.isdigit()), len(parts))])
+            key = group if group != target else "other"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
 
     def as_rows(self) -> list[tuple[str, str]]:
         """``(field, value)`` rows for a two-column ``rich.table.Table``."""
-        other = len(self.targets) - self.main_targets - self.vace_targets
         return [
             ("adapter", self.adapter_name),
             ("files", "\n".join(self.files)),
             ("key schemes", ", ".join(self.schemes)),
-            ("targets", f"{len(self.targets)} (blocks: {self.main_targets}, vace_blocks: {self.vace_targets}, "
-                        f"other: {other})"),
+            ("targets", f"{len(self.targets)} ({', '.join(f'{k}: {n}' for k, n in self.groups.items())})"),
             ("ranks", ", ".join(f"r={r}: {n}" for r, n in sorted(self.ranks.items()))),
             ("targets with alpha", str(self.with_alpha)),
             ("scale", f"{self.scale:g}"),
