@@ -382,11 +382,15 @@ def test_saving_a_fresh_branch_commits_no_memory(tmp_path):
     from surgery.grafting.build import zeros
 
     fresh = zeros((16, 1 << 18), dtype=torch.float32, device=torch.device("cpu"))  # 16 MiB
+    # The kernel may merge the mapping with a neighbouring private one (a long test run's heap
+    # arenas), so the change of its resident size is measured, not the size itself.
+    before = mapping_rss_kib(fresh.data_ptr())
     write_safetensors(tmp_path / "zeros.safetensors", {"w": fresh})
-    assert mapping_rss_kib(fresh.data_ptr()) == 0
+    assert mapping_rss_kib(fresh.data_ptr()) - before < 4 * 1024  # a shared mapping would commit 16 MiB
     assert not load_file(str(tmp_path / "zeros.safetensors"))["w"].any()
+    before = mapping_rss_kib(fresh.data_ptr())
     fresh[:8] = 1.0  # written pages are committed: the measurement sees them
-    assert mapping_rss_kib(fresh.data_ptr()) >= 8 * 1024
+    assert mapping_rss_kib(fresh.data_ptr()) - before >= 8 * 1024
 
 
 def test_a_base_of_another_size_names_the_size_it_was_made_for(files):
