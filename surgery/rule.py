@@ -120,6 +120,10 @@ class Rule:
             result for a model that declares no count: any, at least one).
         count_option: the name of the rule's option that sets the expected count; a wrong
             count's error tells the user to set it. ``None``: the rule has none.
+        effect_required: validation fails when the rewritten model's output equals the base
+            model's, because a rule that silently did nothing would pass. A rule whose effect
+            may rightly be nil on a model (a kernel swap whose kernel computes exactly what the
+            original did) sets ``False``; its reference comparison alone decides.
         reference: the rule written by hand, for validation (:class:`Reference`); ``None``:
             the model's owner provides the reference (``surgery.validation.Harness``).
         lora_schemes: ``lora_schemes(model)`` gives the rule's own LoRA target namings
@@ -157,5 +161,6 @@ class Rule:
     example: Callable[[Any, nn.Module], dict[str, Any]] | None = None
     bind: Callable[["Rule", nn.Module], "Rule"] | None = None
     count_option: str | None = None
+    effect_required: bool = True
     reference: Reference | None = None
     lora_schemes: Callable[[nn.Module], "Sequence[Any]"] | None = None

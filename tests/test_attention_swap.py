@@ -191,11 +191,13 @@ def test_cli_validates_it_against_the_rules_own_reference(capsys):
         assert case in out
 
 
-def test_validation_refuses_the_default_kernel_that_changes_nothing_on_the_stand_ins(capsys):
-    # SDPA equals the stand-ins' kernel bit for bit, so a broken swap could not be seen.
-    assert main(["validate", "longlive", "--rule", "attention-swap"]) != 0
+def test_validation_passes_the_default_kernel_that_equals_the_stand_ins_own(capsys):
+    # SDPA equals longlive's kernel bit for bit: no effect is right for a kernel swap, and the
+    # comparison with the rule's hand-written reference still decides (sdpa-float64 above
+    # shows that comparison sees a kernel that does change the output).
+    assert main(["validate", "longlive", "--rule", "attention-swap"]) == 0
     out = capsys.readouterr().out
-    assert "validation FAILED (3/4 cases, max abs diff 0)" in out and "changed nothing" in out
+    assert "validation PASSED (4/4 cases, max abs diff 0)" in out
 
 
 def test_the_rule_names_no_model_family():

@@ -106,6 +106,8 @@ def rule(kernel: Union[str, Callable[..., Any]] = "sdpa", targets: Optional[Mapp
         check_call=check_call,
         trace_policy=TracePolicy(),
         reference=reference(resolve_kernel(config.kernel), config.targets, units),
+        # SDPA computes exactly what a model's own SDPA-based kernel did: no change is no fault.
+        effect_required=False,
     )
 
 

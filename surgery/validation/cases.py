@@ -319,8 +319,9 @@ def on_case(session: Session, name: str) -> CaseResult:
     # Without a control input to switch off, the grafts are measured against the base model.
     effect = session.effect(session.run("rewritten", first),
                             session.run("rewritten" if control else "base", session.scenario(0, control=False)))
-    what = "the control input" if control else "the grafted modules"
-    error = None if effect > 0 else f"{what} changed nothing, so a broken branch would go unseen"
+    what = "the control input" if control else "the rule"
+    error = None if effect > 0 or not session.rule.effect_required else \
+        f"{what} changed nothing, so a broken branch would go unseen"
     extra = f"{'control' if control else 'graft'} effect {effect:.3g}" + (", seeded grafted weights"
                                                                           if session.swap else "")
     return session.numeric(name, pairs, extra, error)
