@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from examples.wan.pipeline import PipelineSpec
 
-__all__ = ["PIPELINES", "PIPELINE_MODULES", "get_pipeline"]
+__all__ = ["MODEL_SIZES", "PIPELINES", "PIPELINE_MODULES", "get_pipeline"]
 
 PIPELINE_MODULES: dict[str, str] = {
     "longlive": "examples.longlive",
@@ -47,3 +47,10 @@ class _LazyPipelines(Mapping):
 
 
 PIPELINES: Mapping[str, "PipelineSpec"] = _LazyPipelines()
+
+
+def __getattr__(name: str) -> object:
+    # MODEL_SIZES (size name -> settings) imports the model code only when asked for.
+    if name == "MODEL_SIZES":
+        return importlib.import_module("examples.wan.pipeline").MODEL_SIZES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

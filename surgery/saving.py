@@ -30,9 +30,9 @@ def fingerprint(rule: Rule) -> tuple:
 
 
 def _factory(name: str) -> Any:
-    from rules import RULES  # the registry lives beside the rules, outside the engine
+    from .catalogue import rule_registry  # the registry lives beside the rules, outside the engine
 
-    return RULES.get(name)
+    return rule_registry().get(name)
 
 
 def rule_recipe(rule: Rule) -> tuple[str, dict[str, Any]]:

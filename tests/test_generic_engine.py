@@ -63,3 +63,28 @@ def test_lora_report_counts_targets_per_module_list_of_any_name():
                             targets=("blocks.0.q", "blocks.1.ffn.0", "adapters.0.up", "head.head"))
     assert report.groups == {"blocks": 2, "adapters": 1, "other": 1}
     assert dict(report.as_rows())["targets"] == "4 (blocks: 2, adapters: 1, other: 1)"
+
+
+def test_the_engine_imports_no_rule_and_no_model_package():
+    """surgery/ finds the rule registry and the built-in models through entry points (surgery.catalogue)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "surgery"
+    found = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            names += [node.args[0].value for _ in [0] if isinstance(node, ast.Call) and getattr(node.func, "attr", "")
+                      == "import_module" and node.args and isinstance(node.args[0], ast.Constant)]
+            found += [f"{path.relative_to(root)}: {n}" for n in names if n.split(".")[0] in ("rules", "examples")]
+    assert found == []
+
+
+def test_the_catalogue_names_the_built_in_rules_and_models():
+    import examples
+    import rules
+    from surgery.catalogue import models_module, rule_registry
+
+    assert rule_registry() is rules.RULES and models_module() is examples

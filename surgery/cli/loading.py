@@ -14,7 +14,7 @@ cost no memory until written: surgery itself never reads the base model's values
 ``--dtype``/``--device`` build a built-in model in that dtype on that device (its example
 inputs follow the model); a factory receives them as its ``dtype=``/``device=`` keyword
 arguments and must return a model that has them. The built-in models and the rules are the
-CLI's catalogue, so this module (and only this one) reads ``examples`` and ``rules``.
+CLI's catalogue, which this module reads through :mod:`surgery.catalogue` (entry points).
 """
 from __future__ import annotations
 
@@ -83,24 +83,24 @@ class BuildOptions:
 
 
 def rule_registry() -> Mapping[str, Callable[..., Any]]:
-    """``rules.RULES``: rule name -> factory (factories are imported on first lookup)."""
-    from rules import RULES
+    """The registered rule registry (``rules.RULES``): rule name -> factory (imported on first lookup)."""
+    from surgery.catalogue import rule_registry as registered
 
-    return RULES
+    return registered()
 
 
 def builtin_pipelines() -> Mapping[str, Any]:
-    """``examples.PIPELINES`` ({} when the examples package does not provide it)."""
-    try:
-        examples = importlib.import_module("examples")
-    except ImportError:
-        return {}
-    return getattr(examples, "PIPELINES", {}) or {}
+    """The registered models' ``PIPELINES`` (``examples.PIPELINES``; {} when none are registered)."""
+    from surgery.catalogue import models_module
+
+    return getattr(models_module(), "PIPELINES", {}) or {}
 
 
 def _example_call(model: nn.Module, pipeline: Any, seed: int) -> tuple[tuple, dict]:
     # The streaming driver knows each pipeline's call convention (spec 8.3).
-    driver = importlib.import_module("examples.driver")
+    from surgery.catalogue import models_module
+
+    driver = importlib.import_module(f"{models_module().__name__}.driver")
     args, kwargs = driver.example_call(model, pipeline, seed=seed)
     return tuple(args), dict(kwargs)
 
@@ -136,11 +136,10 @@ def _load_builtin(source: ModelSource, build: BuildOptions, need_values: bool, b
 
 
 def _pipeline_modules() -> dict[str, str]:
-    """``examples.PIPELINE_MODULES`` (built-in name -> module name), or {} without the examples package."""
-    try:
-        return dict(getattr(importlib.import_module("examples"), "PIPELINE_MODULES", {}) or {})
-    except ImportError:
-        return {}
+    """The registered models' ``PIPELINE_MODULES`` (built-in name -> module name), or {} without them."""
+    from surgery.catalogue import models_module
+
+    return dict(getattr(models_module(), "PIPELINE_MODULES", {}) or {})
 
 
 def pipeline_of(model: nn.Module) -> Any:
@@ -272,9 +271,11 @@ def _load_factory(spec: str, build: BuildOptions, base: BaseLoader | None) -> Lo
 
 def size_of_width(width: int | None) -> str | None:
     """The built-in size whose models are ``width`` wide (their ``dim``), if there is one."""
+    from surgery.catalogue import models_module
+
     try:
-        sizes = importlib.import_module("examples.wan.pipeline").MODEL_SIZES
-    except (ImportError, AttributeError):
+        sizes = getattr(models_module(), "MODEL_SIZES", None) or {}
+    except ImportError:
         return None
     return next((size for size in SIZES if width is not None and sizes.get(size, {}).get("dim") == width), None)
 
