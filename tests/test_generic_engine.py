@@ -88,3 +88,63 @@ def test_the_catalogue_names_the_built_in_rules_and_models():
     from surgery.catalogue import models_module, rule_registry
 
     assert rule_registry() is rules.RULES and models_module() is examples
+
+
+def test_rule_weights_load_by_the_rules_own_prefixes_and_key_maps(tmp_path):
+    import pytest
+    import torch
+    from safetensors.torch import save_file
+
+    import surgery
+    from examples import PIPELINES
+    from examples.driver import example_call
+    from examples.reference import random_vace_state_dict
+    from rules import ffn_adapter, vace
+    from rules.vace.keymaps import NATIVE_TO_DIFFUSERS
+    from surgery.errors import WeightsError
+    from surgery.weights import apply_key_map, compile_key_map, load_rule_weights, load_vace_weights
+
+    pipeline = PIPELINES["longlive"]
+    base = pipeline.build("tiny", seed=0)
+    call = example_call(base, pipeline)
+    by_rule, by_vace = (surgery.apply(base, vace.rule(), example_inputs=call).module for _ in range(2))
+    weights = random_vace_state_dict(by_rule, seed=3)
+    native, diffusers = tmp_path / "native.safetensors", tmp_path / "diffusers.safetensors"
+    save_file(weights, str(native))
+    table = compile_key_map(NATIVE_TO_DIFFUSERS)
+    save_file({apply_key_map(k, table): v for k, v in weights.items()}, str(diffusers))
+    load_vace_weights(by_vace, native)
+    report = load_rule_weights(by_rule, diffusers, key_map="diffusers")
+    assert report.tensors == len(weights)
+    got, want = by_rule.state_dict(), by_vace.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want) and all(torch.equal(got[k], weights[k]) for k in weights)
+
+    with pytest.raises(WeightsError, match="has no key map 'comfy'; fix: use one of: diffusers"):
+        load_rule_weights(by_rule, native, key_map="comfy")
+    adapted = surgery.apply(base, ffn_adapter.rule(), example_inputs=call).module
+    with pytest.raises(WeightsError, match="rule 'ffn-adapter' declares no weight prefixes"):
+        load_rule_weights(adapted, native)
+    with pytest.raises(WeightsError, match="was not rewritten by surgery"):
+        load_rule_weights(base, native)
+
+
+def test_cli_weights_follow_the_chosen_rule(tmp_path, capsys):
+    """--weights loads the grafted modules of the --rule given, not VACE's whatever the rule."""
+    from safetensors.torch import save_file
+
+    import surgery
+    from examples import PIPELINES
+    from examples.driver import example_call
+    from examples.reference import random_vace_state_dict
+    from rules import vace
+    from surgery.cli.main import main
+
+    pipeline = PIPELINES["longlive"]
+    base = pipeline.build("tiny", seed=0)
+    rewritten = surgery.apply(base, vace.rule(), example_inputs=example_call(base, pipeline)).module
+    path = tmp_path / "vace.safetensors"
+    save_file(random_vace_state_dict(rewritten, seed=1), str(path))
+    assert main(["apply", "longlive", "--rule", "ffn-adapter", "--no-validate", "--weights", str(path)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "rule 'ffn-adapter' declares no weight prefixes" in error[0]
+    assert main(["apply", "longlive", "--no-validate", "--weights", str(path)]) == 0

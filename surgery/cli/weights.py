@@ -115,12 +115,13 @@ def _for_the_command_line(error: WeightsError, rule: Any, module: nn.Module, pat
 
 
 def load_weights(module: nn.Module, path: str, rule: Any, map_name: str | None) -> Any:
-    """``load_vace_weights`` with the named key map and the rule's ``vace_in_dim`` as the expected input width."""
-    from surgery.weights import load_vace_weights
+    """``load_rule_weights`` of the rule that rewrote ``module`` (the ``--rule`` given), with the named key
+    map and the rule's ``vace_in_dim`` (if it has one) as the expected input width."""
+    from surgery.weights import load_rule_weights
 
     options = dict(getattr(rule, "options", None) or {})
     try:
-        return load_vace_weights(module, path, key_map=key_map(rule, map_name),
+        return load_rule_weights(module, path, key_map=key_map(rule, map_name),
                                  expect_vace_in_dim=options.get("vace_in_dim"))
     except WeightsError as error:
         if map_name is not None:

@@ -1,4 +1,5 @@
-"""Loading VACE-branch weights from safetensors checkpoints (see :func:`load_vace_weights`), and a
+"""Loading a rule's grafted weights from safetensors checkpoints (:func:`load_rule_weights`; the VACE
+branch: :func:`load_vace_weights`), and a
 base model's weights from a base or full checkpoint (:func:`load_base_weights`)."""
 from surgery.weights.base import base_dtype, base_keys, load_base_weights
 from surgery.weights.files import PICKLE_SUFFIXES, TensorEntry, read_header, resolve_checkpoint
@@ -6,6 +7,7 @@ from surgery.weights.keys import KeyMap, KeyRule, apply_key_map, compile_key_map
 from surgery.weights.loader import DEFAULT_STRIP_PREFIXES, DEFAULT_VACE_PREFIXES, load_vace_weights
 from surgery.weights.paths import require_regular_file
 from surgery.weights.report import LoadReport
+from surgery.weights.rule import load_rule_weights
 
 __all__ = [
     "DEFAULT_STRIP_PREFIXES",
@@ -20,6 +22,7 @@ __all__ = [
     "base_keys",
     "compile_key_map",
     "load_base_weights",
+    "load_rule_weights",
     "load_vace_weights",
     "read_header",
     "require_regular_file",
