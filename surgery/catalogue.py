@@ -38,10 +38,16 @@ def rule_registry() -> Mapping[str, Callable[..., Any]]:
     return _entry("rules") or {}
 
 
+def default_rule() -> str | None:
+    """The rule the CLI applies without ``--rule``: the registry's first (``None`` without one).
+    Its goldens are the unqualified ``<model>.graph.txt``."""
+    return next(iter(rule_registry()), None)
+
+
 def models_module() -> ModuleType | None:
     """The registered module of built-in models (``PIPELINES``, ``PIPELINE_MODULES``, ``.driver``), or ``None``."""
     found = _entry("models")
     return found if isinstance(found, ModuleType) else None
 
 
-__all__ = ["GROUP", "models_module", "rule_registry"]
+__all__ = ["GROUP", "default_rule", "models_module", "rule_registry"]

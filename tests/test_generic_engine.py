@@ -148,3 +148,17 @@ def test_cli_weights_follow_the_chosen_rule(tmp_path, capsys):
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "rule 'ffn-adapter' declares no weight prefixes" in error[0]
     assert main(["apply", "longlive", "--no-validate", "--weights", str(path)]) == 0
+
+
+def test_the_default_rule_and_its_unqualified_goldens_come_from_the_catalogue():
+    import torch
+
+    import rules
+    from surgery.catalogue import default_rule
+    from surgery.cli import commands
+    from surgery.cli.loading import LoadedModel
+
+    assert default_rule() == next(iter(rules.RULES)) and commands.ApplyOptions(model="m").rule == default_rule()
+    loaded = LoadedModel(name="longlive", model=torch.nn.Identity(), example_inputs=None, pipeline=object(), size="tiny")
+    assert commands.default_golden(loaded, default_rule()).name == "longlive.graph.txt"
+    assert commands.default_golden(loaded, "ffn-adapter").name == "longlive.ffn-adapter.graph.txt"

@@ -37,6 +37,7 @@ from surgery.cli.loading import (
 from surgery.cli.memory import memory_guard
 from surgery.cli.preflight import check_device, check_output_file, check_report, check_weights, torch_dtype
 from surgery.cli.safetensors_out import write_safetensors
+from surgery.catalogue import default_rule
 from surgery.cli.weights import BaseFile, base_file, base_rows, base_width, check_key_map_name
 from surgery.errors import InputError, SurgeryError, WeightsError
 from surgery.reports.diff import compare_to_golden, read_golden, write_golden
@@ -54,7 +55,7 @@ class ApplyOptions:
     """Options of ``surgery apply`` and ``surgery validate``."""
 
     model: str
-    rule: str = "vace"
+    rule: str | None = field(default_factory=default_rule)
     set: list[str] = field(default_factory=list)
     size: str | None = None
     weights: str | None = None
@@ -78,7 +79,7 @@ class DiffOptions:
     """Options of ``surgery diff``."""
 
     model: str
-    rule: str = "vace"
+    rule: str | None = field(default_factory=default_rule)
     set: list[str] = field(default_factory=list)
     size: str | None = None
     golden: str | None = None
@@ -409,14 +410,15 @@ def run_validate(opts: ApplyOptions, backend: Backend | None = None) -> int:
     return run_apply(opts, backend)
 
 
-def default_golden(loaded: LoadedModel | ModelSource, rule_name: str = "vace") -> Path:
+def default_golden(loaded: LoadedModel | ModelSource, rule_name: str | None = None) -> Path:
     """``tests/goldens/<model>.graph.txt`` for a built-in model at size tiny (``<model>.<size>.graph.txt`` otherwise).
 
-    Goldens are per rule; the ``vace`` rule's are unqualified, others get ``<model>.<rule>``.
+    Goldens are per rule; the default rule's (:func:`surgery.catalogue.default_rule`, also when
+    ``rule_name`` is ``None``) are unqualified, others get ``<model>.<rule>``.
     """
     if not loaded.builtin:
         raise InputError(f"model {loaded.name} has no built-in golden graph", "pass --golden FILE (create it with --update)")
-    stem = loaded.name if rule_name == "vace" else f"{loaded.name}.{rule_name}"
+    stem = loaded.name if rule_name in (None, default_rule()) else f"{loaded.name}.{rule_name}"
     if loaded.size and loaded.size != "tiny":
         stem += f".{loaded.size}"
     return GOLDENS_DIR / f"{stem}.graph.txt"

@@ -109,7 +109,10 @@ def _common(parser: argparse.ArgumentParser, *, sizes: bool = True) -> None:
 def _model_and_rule(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL",
                         help="built-in model name (see `surgery models`) or package.module:factory")
-    parser.add_argument("--rule", default="vace", choices=_rule_names(), help="rule to apply (default: vace)")
+    from surgery.catalogue import default_rule
+
+    default = default_rule()
+    parser.add_argument("--rule", default=default, choices=_rule_names(), help=f"rule to apply (default: {default})")
     parser.add_argument("--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
                         help="rule option as a Python literal, e.g. --set vace_layers=[0,2]; repeatable")
 
