@@ -16,6 +16,9 @@ from .lora_keys import check_vace_layers, lora_schemes, model_layers
 from .profiles import DIFFUSERS, FALLBACK, PROFILES, WAN, Detect, VaceProfile, detect, resolve
 from .rule import NAME, branch_hints, compute_hints, inject_hint, normalise_scale, rule
 
+# Users call it as ``rules.vace.rule``; messages and reprs name it so, not by its defining module.
+rule.__module__ = __name__
+
 __all__ = ["DIFFUSERS", "DIFFUSERS_TO_NATIVE", "FALLBACK", "NAME", "NATIVE_TO_DIFFUSERS", "OPTIONS", "PROFILES", "WAN",
            "Detect", "VaceProfile", "branch_hints", "check_context", "check_inputs", "check_layers", "check_vace_layers", "compute_hints",
            "detect", "inject_hint", "lora_schemes", "model_layers", "normalise_scale", "resolve", "rule", "several_contexts"]
