@@ -104,6 +104,7 @@ class BenchConfig:
     memory: bool = True
     forward: bool = True
     profile: int = 0
+    compile: Optional[str] = None  # a torch.compile backend for the forward runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,6 +132,9 @@ def check_config(config: BenchConfig) -> None:
     check_device(config.device, allow_meta=True)
     torch_dtype(config.dtype)
     load_provider(config.provider)
+    if config.compile is not None and config.compile not in torch._dynamo.list_backends(exclude_tags=()):
+        raise InputError(f"unknown torch.compile backend {config.compile!r}",
+                         "use eager, aot_eager or inductor (torch._dynamo.list_backends() lists all)")
     check_writable([Path(config.report) / BENCH_FILE, Path(config.report) / PROFILE_FILE], "report directory")
 
 
@@ -203,7 +207,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "torch": torch.__version__,
         "source": source_info(),
         "settings": {"repeats": config.repeats, "pairs": config.pairs or config.repeats, "seed": config.seed,
-                     **subject.settings},
+                     "compile": config.compile, **subject.settings},
         "skipped": {},
     }
 
@@ -248,7 +252,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     elif subject.forward is None or subject.build_reference is None:
         results["skipped"]["forward"] = f"no forward runs on {device}"
     else:
-        forward = measure_forward(subject, config.pairs or config.repeats)
+        forward = measure_forward(subject, config.pairs or config.repeats, backend=config.compile)
         results.update(forward_ratio_on=forward["on"]["ratio"]["median"],
                        forward_ratio_off=forward["off"]["ratio"]["median"], forward=forward)
         stats.update(forward_ratio_on=forward["on"]["ratio"], forward_ratio_off=forward["off"]["ratio"])
@@ -377,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the memory measurements (fresh subprocesses)")
     parser.add_argument("--no-forward", dest="forward", action="store_false", help="skip the forward runs")
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="compile the three models of the forward runs with this torch.compile backend "
+                             "(eager, aot_eager, inductor) first; their ratios then compare compiled models")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile one extra apply; keep the top N entries (apply_profile.txt)")
     parser.add_argument("--child-memory", choices=("apply", "reference"),
@@ -389,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(model=args.model, size=args.size, device=args.device, dtype=args.dtype, report=args.report,
                        repeats=args.repeats, pairs=args.pairs, tokens=args.tokens, steps=args.steps, seed=args.seed,
-                       provider=args.provider, memory=args.memory, forward=args.forward, profile=args.profile)
+                       provider=args.provider, memory=args.memory, forward=args.forward, profile=args.profile,
+                       compile=args.compile)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -408,6 +416,11 @@ def _bench(args: argparse.Namespace) -> int:
         out.print(f"note: {results['note']}")
     for key, reason in results["skipped"].items():
         out.print(f"skipped {key}: {reason}")
+    compiled = (results.get("forward") or {}).get("compile")
+    if compiled:
+        firsts = ", ".join(f"{side} {seconds:.1f} s" for side, seconds in compiled["first_chunk_s"].items())
+        out.print(f"compiled with {compiled['backend']}: first chunks {firsts}; graphs compiled during the pairs: "
+                  f"{compiled['graphs_during_pairs']}")
     out.print(f"wrote {', '.join(str(p) for p in paths)}")
     failures = failed(results["targets"])
     if failures:

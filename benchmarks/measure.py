@@ -117,8 +117,14 @@ def _paired(a: Sequence[Callable[[], torch.Tensor]], b: Sequence[Callable[[], to
     }
 
 
-def measure_forward(subject: BenchSubject, repeats: int) -> dict[str, Any]:
-    """Forward ratios (VACE on vs the reference, off vs the base) and the re-specialisation cost."""
+def measure_forward(subject: BenchSubject, repeats: int, backend: str | None = None) -> dict[str, Any]:
+    """Forward ratios (VACE on vs the reference, off vs the base) and the re-specialisation cost.
+
+    With ``backend``, the three models are compiled in place (``module.compile(backend=...)``)
+    first: the ratios compare compiled models, ``compile`` records each side's first chunk
+    (setup, prefill and warm-up: where compiling happens) and the graphs compiled during the
+    pairs (0: no recompiles).
+    """
     import surgery
     from surgery.tracing.twin import share_tree
 
@@ -133,18 +139,31 @@ def measure_forward(subject: BenchSubject, repeats: int) -> dict[str, Any]:
     reference = subject.build_reference(share_tree(base))
     weights = suite.share_weights(rewritten, reference)
     release_memory()
+    if backend is not None:
+        for model in (rewritten, reference, base):
+            model.compile(backend=backend)
 
-    on_a = suite.runner(rewritten, vace=True)
-    on_b = suite.runner(reference, vace=True)
-    off_a = suite.runner(rewritten, vace=False)
-    off_b = suite.runner(base, vace=False)
-    log("forward: warm-up chunks")
-    for warm in (on_a, on_b, off_a, off_b):
-        _run_chunk(warm)
+    first: dict[str, float] = {}
+
+    def prepared(name: str, model: nn.Module, vace: bool) -> list[Callable[[], torch.Tensor]]:
+        seconds, chunk = timed(lambda: suite.runner(model, vace=vace), subject.device)
+        warm_s, _ = timed(lambda: _run_chunk(chunk), subject.device)
+        first[name] = seconds + warm_s
+        return chunk
+
+    log("forward: setup and warm-up chunks" + (f" (compiling with {backend})" if backend else ""))
+    on_a = prepared("rewritten_on", rewritten, True)
+    on_b = prepared("reference_on", reference, True)
+    off_a = prepared("rewritten_off", rewritten, False)
+    off_b = prepared("base_off", base, False)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     log(f"forward: {repeats} pairs with VACE on")
     on = _paired(on_a, on_b, repeats, subject.device)
     log(f"forward: {repeats} pairs with VACE off")
     off = _paired(off_a, off_b, repeats, subject.device)
+    compiled = None if backend is None else {
+        "backend": backend, "first_chunk_s": first,
+        "graphs_during_pairs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs}
     log("forward: a call at a new resolution")
 
     # The same new signature on the real model, once: the engine's own timing of that
@@ -160,7 +179,7 @@ def measure_forward(subject: BenchSubject, repeats: int) -> dict[str, Any]:
         "outcome": outcome,
         "new_specialisations": state.built - built,
     }
-    return {"on": on, "off": off, "weights": weights, "respecialise": respecialise}
+    return {"on": on, "off": off, "weights": weights, "respecialise": respecialise, "compile": compiled}
 
 
 def _dispatchtimed(model: nn.Module, inputs: tuple[tuple, dict], device: torch.device) -> float:

@@ -161,6 +161,9 @@ class SurgeryState:
 class RewrittenModel(nn.Module):
     """Mixin placed in front of the input model's class; see the module docstring."""
 
+    # Skipped by dynamo like ``SurgeryState.call``: compiled, this frame would be guarded on
+    # every input and recompiled for each new input size, for no graph at all.
+    @torch.compiler.disable(recursive=False)
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102 - documented above
         return self.surgery_state.call(self, args, kwargs)
 
@@ -234,7 +237,7 @@ def _entry(base_cls: type, name: str, inputs: Mapping[str, Any]) -> Any:
     entry.__qualname__ = f"Rewritten{base_cls.__name__}.{name}"
     entry.__doc__ = getattr(getattr(base_cls, name), "__doc__", None)
     entry.__signature__ = with_inputs(inspect.signature(getattr(base_cls, name)), inputs)  # type: ignore[attr-defined]
-    return entry
+    return torch.compiler.disable(entry, recursive=False)  # see RewrittenModel.forward
 
 
 def with_inputs(signature: inspect.Signature, inputs: Mapping[str, Any]) -> inspect.Signature:

@@ -227,6 +227,7 @@ def test_unknown_model_is_an_input_error() -> None:
     (["nope"], "bench: error: unknown model 'nope'; fix: use one of longlive"),
     (["longlive", "--repeats", "0"], "bench: error: argument --repeats: 0 is not positive"),
     (["longlive", "--device", "bogus"], "bench: error: unknown device 'bogus'"),
+    (["longlive", "--compile", "inductr"], "bench: error: unknown torch.compile backend 'inductr'; fix: use eager"),
     (["longlive", "--provider", "nowhere.at_all:subject"], "cannot import benchmark provider 'nowhere.at_all'"),
     (["longlive", "--report", "{file}/out"], "cannot create report directory {file}/out: Not a directory"),
 ])

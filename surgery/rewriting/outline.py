@@ -244,7 +244,11 @@ def module_call_sites(graph: fx.Graph, calls: Sequence[ModuleCall], compiled: se
             continue
         inst = _instance(call, nodes, position, taken)
         if inst is None:
-            raise _not_one_call(call.qualname, "its traced code cannot run as one call of it")
+            live = [position[n] for n in call.nodes if n in position]
+            between = nodes[min(live):max(live)] if live else []
+            raise _not_one_call(call.qualname, f"rule {rule!r} changes code inside it"
+                                if any("surgery" in n.meta for n in between) else
+                                "its traced code cannot run as one call of it")
         read = {arg for node in inst.body for arg in node.all_input_nodes}
 
         def current(node: fx.Node) -> fx.Node:
