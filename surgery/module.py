@@ -14,6 +14,11 @@ on to (``_forward_inference``), show the base signature plus the rule's inputs a
 parameters, so a host that filters keyword arguments by ``inspect.signature`` passes
 ``vace_context`` through; a call of such a method is traced from that method.
 
+Under ``torch.compile`` the entry methods and the dispatch are skipped by dynamo (guard checks,
+re-specialisation and timing are Python bookkeeping that would otherwise become guarded
+constants and recompile every call); the generated function of the chosen specialisation is
+then compiled as a frame of its own, once per specialisation.
+
 A rewritten model pickles (``torch.save``, ``pickle``, ``copy.deepcopy``) as its module tree
 plus the recipe of its rule (registered name and options, :mod:`.saving`); loading rebuilds
 the rule and an empty specialisation cache, so the first call traces again.

@@ -90,19 +90,16 @@ def _instance(call: ModuleCall, nodes: list[fx.Node], position: dict[fx.Node, in
     if owned is not None:
         body += _rule_code_after(body, nodes, position, taken, owned, prefix)
     inside = set(body)
-    index = {n: i for i, n in enumerate(body)}
+    refs: dict[fx.Node, tuple] = {n: ("in", i) for i, n in enumerate(body)}
     externals: list[fx.Node] = []
     shape = []
     for node in body:
         for arg in node.all_input_nodes:
-            if arg not in inside and arg not in externals:
+            if arg not in refs:
+                refs[arg] = ("ext", len(externals))
                 externals.append(arg)
-
-        def ref(arg: fx.Node) -> tuple:
-            return ("in", index[arg]) if arg in inside else ("ext", externals.index(arg))
-
         target = node.target[len(prefix):] if node.op in ("get_attr", "call_module") else node.target
-        shape.append((node.op, target, _constants(fx.node.map_arg((node.args, node.kwargs), ref))))
+        shape.append((node.op, target, _structure((node.args, node.kwargs), refs)))
     outputs = [n for n in body if any(user not in inside for user in n.users)]
     first = position[body[0]]
     # Pure values the rule computed after the call from earlier values only (a scale picked
@@ -162,15 +159,20 @@ def _hoistable(node: fx.Node, position: dict[fx.Node, int], first: int) -> bool:
     return node.op != "get_attr" and _pure(node) and all(position[a] < first for a in node.all_input_nodes)
 
 
-def _constants(value: Any) -> Any:
-    """A node's arguments for comparing structures: references as given, constants by value
-    where that is safe to compare, other objects by identity."""
+def _structure(value: Any, refs: dict[fx.Node, tuple]) -> Any:
+    """A node's arguments for comparing structures: nodes by their place (``refs``), constants
+    by value where that is safe to compare, other objects by identity."""
+    kind = type(value)
+    if kind is fx.Node:
+        return refs[value]
+    if kind in _SIMPLE:
+        return value
     if isinstance(value, (tuple, list)):
-        return tuple(_constants(v) for v in value)
+        return tuple([_structure(v, refs) for v in value])
     if isinstance(value, dict):
-        return tuple((k, _constants(v)) for k, v in value.items())
-    if isinstance(value, slice):
-        return ("slice", _constants(value.start), _constants(value.stop), _constants(value.step))
+        return tuple([(k, _structure(v, refs)) for k, v in value.items()])
+    if kind is slice:
+        return ("slice", _structure(value.start, refs), _structure(value.stop, refs), _structure(value.step, refs))
     if isinstance(value, _CONSTANTS):
         return value
     return ("object", id(value))
@@ -296,6 +298,7 @@ def _nodes_in(value: Any) -> list[fx.Node]:
     return found
 
 
+_SIMPLE = frozenset({bool, int, float, str, type(None)})
 _CONSTANTS = (bool, int, float, complex, str, bytes, type(None), slice, type(Ellipsis), torch.dtype, torch.device,
               torch.memory_format, torch.layout)
 
