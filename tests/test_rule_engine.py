@@ -319,3 +319,22 @@ def test_a_rule_value_that_is_not_traced_is_refused():
     with pytest.raises(RuleError, match="returned float at blocks.0.ffn where a traced value was replaced"):
         _apply(_built(Net), _rule(FEED_FORWARD, [(Where.AFTER_EACH, lambda site: 1.0)]), _x(2, 5, 4))
 
+
+
+def test_an_evicted_specialisation_is_freed_while_the_apply_result_lives():
+    """``ApplyResult`` keeps its graphs, not the specialisation (which holds code and a recheck
+    twin), so the bounded cache really frees what it evicts."""
+    import gc
+    import weakref
+
+    model = _built(Net)
+    result = _apply(model, _rule(FEED_FORWARD, [(Where.AFTER_EACH, lambda site: site.stream * 2.0)]), _x(2, 5, 4))
+    state = result.module.surgery_state
+    state.limit = 1
+    first = weakref.ref(next(iter(state.specialisations.values())))
+    x = _x(5, 4)  # another rank: a new specialisation, which evicts the first
+    assert _exact(result.module(x), _hooked(_built(Net), hook=lambda m, a, out: out * 2.0)(x)) == 0.0
+    assert state.evictions == 1
+    gc.collect()
+    assert first() is None
+    assert len(result.base_graph.nodes) > 0  # the result still offers the traced base graph
