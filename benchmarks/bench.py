@@ -19,6 +19,9 @@ Metrics (medians over ``--repeats`` runs, with min and max, in ``stats``):
   the grafted parameters.
 * ``forward_ratio_on``: median over ``--pairs`` paired runs of (rewritten, VACE on) / (reference) over a
   streaming chunk (several denoising calls at the same ``current_start``);
+  ``forward_ratio_on_lean``: the same against a lean hand-written graft (hooks on the base
+  model, the context padded only to the chunk: :mod:`benchmarks.lean_vace`), from the same
+  rounds (the three VACE-on sides interleave);
   ``forward_ratio_off``: (rewritten, no VACE context) / (base model). The two chunks of a
   pair are interleaved call by call, the order flipping every call, so load from other
   processes hits both sides alike; process-CPU-time ratios and the ratio of the fastest
@@ -104,7 +107,8 @@ class BenchConfig:
     memory: bool = True
     forward: bool = True
     profile: int = 0
-    compile: Optional[str] = None  # a torch.compile backend for the forward runs
+    compile: Optional[str] = None  # a torch.compile backend for the forward runs (whole models)
+    compile_blocks: Optional[str] = None  # a torch.compile backend for each main block of the forward runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,9 +136,13 @@ def check_config(config: BenchConfig) -> None:
     check_device(config.device, allow_meta=True)
     torch_dtype(config.dtype)
     load_provider(config.provider)
-    if config.compile is not None and config.compile not in torch._dynamo.list_backends(exclude_tags=()):
-        raise InputError(f"unknown torch.compile backend {config.compile!r}",
-                         "use eager, aot_eager or inductor (torch._dynamo.list_backends() lists all)")
+    if config.compile is not None and config.compile_blocks is not None:
+        raise InputError("--compile and --compile-blocks were both given",
+                         "pass one: --compile compiles whole models, --compile-blocks each main block")
+    for flag, backend in (("--compile", config.compile), ("--compile-blocks", config.compile_blocks)):
+        if backend is not None and backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise InputError(f"unknown torch.compile backend {backend!r} for {flag}",
+                             "use eager, aot_eager or inductor (torch._dynamo.list_backends() lists all)")
     check_writable([Path(config.report) / BENCH_FILE, Path(config.report) / PROFILE_FILE], "report directory")
 
 
@@ -207,7 +215,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "torch": torch.__version__,
         "source": source_info(),
         "settings": {"repeats": config.repeats, "pairs": config.pairs or config.repeats, "seed": config.seed,
-                     "compile": config.compile, **subject.settings},
+                     "compile": config.compile, "compile_blocks": config.compile_blocks, **subject.settings},
         "skipped": {},
     }
 
@@ -246,16 +254,22 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         results["respecialise"] = measure_respecialise(meta_subject)
         results["respecialise_s"] = results["respecialise"]["seconds"]
 
-    results.update(forward_ratio_on=None, forward_ratio_off=None, forward=None)
+    results.update(forward_ratio_on=None, forward_ratio_on_lean=None, forward_ratio_off=None, forward=None)
     if not config.forward:
         results["skipped"]["forward"] = "--no-forward"
     elif subject.forward is None or subject.build_reference is None:
         results["skipped"]["forward"] = f"no forward runs on {device}"
     else:
-        forward = measure_forward(subject, config.pairs or config.repeats, backend=config.compile)
+        forward = measure_forward(subject, config.pairs or config.repeats, backend=config.compile or config.compile_blocks,
+                                  blocks=config.compile_blocks is not None)
         results.update(forward_ratio_on=forward["on"]["ratio"]["median"],
                        forward_ratio_off=forward["off"]["ratio"]["median"], forward=forward)
         stats.update(forward_ratio_on=forward["on"]["ratio"], forward_ratio_off=forward["off"]["ratio"])
+        if forward["on_lean"] is None:
+            results["skipped"]["forward_ratio_on_lean"] = "the provider gives no lean graft (build_lean)"
+        else:
+            results["forward_ratio_on_lean"] = forward["on_lean"]["ratio"]["median"]
+            stats["forward_ratio_on_lean"] = forward["on_lean"]["ratio"]
 
     if config.profile:
         log("profiling one apply")
@@ -319,10 +333,11 @@ def render_table(results: dict[str, Any]) -> Any:
     row("reference_extra_bytes", "reference_extra_bytes", "B")
     row("vace_param_bytes", "vace_param_bytes", "B")
     row("forward_ratio_on", "forward_ratio_on", "")
+    row("forward_ratio_on_lean", "forward_ratio_on_lean", "")
     row("forward_ratio_off", "forward_ratio_off", "")
     forward = results.get("forward") or {}
-    for side in ("on", "off"):
-        if side in forward:
+    for side in ("on", "on_lean", "off"):
+        if forward.get(side):
             s = forward[side]["cpu_ratio"]
             table.add_row(f"  cpu-time ratio {side}", _fmt(s["median"]), _fmt(s["min"]), _fmt(s["max"]), str(s["n"]))
     row("respecialise_s", "respecialise_s", "s")
@@ -382,8 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip the memory measurements (fresh subprocesses)")
     parser.add_argument("--no-forward", dest="forward", action="store_false", help="skip the forward runs")
     parser.add_argument("--compile", default=None, metavar="BACKEND",
-                        help="compile the three models of the forward runs with this torch.compile backend "
-                             "(eager, aot_eager, inductor) first; their ratios then compare compiled models")
+                        help="compile the models of the forward runs whole (module.compile) with this torch.compile "
+                             "backend (eager, aot_eager, inductor) first; their ratios then compare compiled models")
+    parser.add_argument("--compile-blocks", default=None, metavar="BACKEND",
+                        help="compile each main block of the models of the forward runs (block.compile, as scope does "
+                             "for Krea) with this backend instead; not with --compile")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile one extra apply; keep the top N entries (apply_profile.txt)")
     parser.add_argument("--child-memory", choices=("apply", "reference"),
@@ -397,7 +415,7 @@ def _config(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(model=args.model, size=args.size, device=args.device, dtype=args.dtype, report=args.report,
                        repeats=args.repeats, pairs=args.pairs, tokens=args.tokens, steps=args.steps, seed=args.seed,
                        provider=args.provider, memory=args.memory, forward=args.forward, profile=args.profile,
-                       compile=args.compile)
+                       compile=args.compile, compile_blocks=args.compile_blocks)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -419,8 +437,9 @@ def _bench(args: argparse.Namespace) -> int:
     compiled = (results.get("forward") or {}).get("compile")
     if compiled:
         firsts = ", ".join(f"{side} {seconds:.1f} s" for side, seconds in compiled["first_chunk_s"].items())
-        out.print(f"compiled with {compiled['backend']}: first chunks {firsts}; graphs compiled during the pairs: "
-                  f"{compiled['graphs_during_pairs']}")
+        what = "each main block" if compiled.get("mode") == "blocks" else "whole models"
+        out.print(f"compiled ({what}) with {compiled['backend']}: first chunks {firsts}; graphs compiled during the "
+                  f"pairs: {compiled['graphs_during_pairs']}")
     out.print(f"wrote {', '.join(str(p) for p in paths)}")
     failures = failed(results["targets"])
     if failures:

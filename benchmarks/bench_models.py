@@ -2,7 +2,8 @@
 
 The harness measures; this module knows the models: how a pipeline builds its base
 model, the generator's call convention (``examples.driver``), the hand-written reference
-(``examples.reference.CausalVaceWanModel``) and what a streaming chunk is.
+(``examples.reference.CausalVaceWanModel``), the lean hand-written VACE
+(:mod:`benchmarks.lean_vace`) and what a streaming chunk is.
 
 Geometry: ``tokens`` is the token count of one streaming chunk, ``frames`` latent frames of
 ``(height/16) x (width/16)`` tokens each, with the aspect ratio kept near the pipelines'
@@ -19,6 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
+from benchmarks.lean_vace import attach_lean_vace
 from benchmarks.subject import BenchSubject
 from examples import PIPELINES
 from examples.driver import example_call, run_stream
@@ -91,8 +93,9 @@ class WanForward:
             model.freqs = model.freqs.to(self.device)  # as build_base in bench_subject
         return model
 
-    def share_weights(self, rewritten: nn.Module, reference: nn.Module) -> dict[str, Any]:
-        """Seeded random VACE weights into the reference; the rewritten model uses the same tensors.
+    def share_weights(self, rewritten: nn.Module, reference: nn.Module,
+                      lean: Optional[nn.Module] = None) -> dict[str, Any]:
+        """Seeded random VACE weights into the reference; the rewritten model (and ``lean``) use the same tensors.
 
         Values come one tensor at a time from ``random_vace_state_dict`` (each depends on
         seed, key and shape only), so no full second copy is ever held.
@@ -107,12 +110,12 @@ class WanForward:
             for key in sorted(ref):
                 value = random_vace_state_dict({key: tuple(ref[key].shape)}, seed=self.seed + 1, dtype=self.dtype)[key]
                 ref[key].copy_(value)
-        rewritten.load_state_dict(ref, strict=False, assign=True)
-        shared = all(rewritten.get_parameter(k).data_ptr() == ref[k].data_ptr() for k in ref)
-        if not shared:
-            raise InputError("the rewritten model did not take the reference's VACE tensors", "check the key names")
+        for model in (rewritten, lean) if lean is not None else (rewritten,):
+            model.load_state_dict(ref, strict=False, assign=True)
+            if not all(model.get_parameter(k).data_ptr() == ref[k].data_ptr() for k in ref):
+                raise InputError("a measured model did not take the reference's VACE tensors", "check the key names")
         return {"seed": self.seed + 1, "tensors": len(ref), "bytes": sum(v.numel() * v.element_size() for v in ref.values()),
-                "storage": "shared (both sides read the very same VACE tensors)"}
+                "storage": "shared (every side reads the very same VACE tensors)"}
 
     def _vace_context(self, height: int, width: int, frames: int, in_dim: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed + 2)
@@ -210,6 +213,10 @@ def bench_subject(model: str, *, size: str, device: torch.device, dtype: torch.d
     def build_reference(base: nn.Module) -> nn.Module:
         return CausalVaceWanModel(base, options["vace_in_dim"], options["vace_layers"])
 
+    def build_lean(base: nn.Module, eager_branch: bool) -> nn.Module:
+        attach_lean_vace(base, options["vace_in_dim"], options["vace_layers"], eager_branch=eager_branch)
+        return base
+
     def warmup() -> None:
         # The same code paths on a tiny model: imports, lazy initialisation, CUDA context.
         import surgery
@@ -228,7 +235,8 @@ def bench_subject(model: str, *, size: str, device: torch.device, dtype: torch.d
     return BenchSubject(
         name=model, size=size, device=device, dtype=dtype, rule=rule, build_base=build_base,
         example_inputs=example_inputs, base_param_bytes=base_bytes,
-        build_reference=build_reference if real else None, forward=forward, warmup=warmup, call_inputs=call_inputs,
+        build_reference=build_reference if real else None, build_lean=build_lean if real else None, forward=forward,
+        warmup=warmup, call_inputs=call_inputs,
         settings={"tokens": tokens, "frames_per_chunk": frames, "height": height, "width": width,
                   "tokens_per_frame": tokens // frames, "denoise_calls_per_chunk": count, "steps": list(step_values),
                   "respecialise_height": alt_height, "respecialise_width": alt_width,

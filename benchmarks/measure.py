@@ -77,71 +77,93 @@ def _run_chunk(calls: Sequence[Callable[[], torch.Tensor]]) -> torch.Tensor:
     return out
 
 
-def _paired(a: Sequence[Callable[[], torch.Tensor]], b: Sequence[Callable[[], torch.Tensor]], repeats: int,
-            device: torch.device) -> dict[str, Any]:
-    """``repeats`` paired chunks of ``a`` and ``b``; ratio of chunk times a/b per pair.
+def _interleaved(chunks: dict[str, Sequence[Callable[[], torch.Tensor]]], repeats: int,
+                 device: torch.device) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, float]]:
+    """``repeats`` rounds of one chunk per side; per side, the chunk wall and CPU times.
 
-    The two chunks are interleaved call by call (a1 b1 b2 a2 a3 b3 ..., the order flipping
-    every call and every pair), so a burst of load from other processes slows both sides
-    of a pair alike instead of one whole chunk. Each side keeps its own caches, so the
-    interleaving does not change what either computes. Process CPU time is kept beside
-    the wall time: it does not count time spent descheduled.
+    The chunks are interleaved call by call (with two sides a1 b1 b2 a2 a3 b3 ...: the order
+    rotates every call and every round), so a burst of load from other processes slows
+    every side of a round alike instead of one whole chunk. Each side keeps its own caches,
+    so the interleaving does not change what any computes. Process CPU time is kept beside
+    the wall time: it does not count time spent descheduled. The third result is, per side
+    after the first, the largest max abs diff between its last output and the first side's.
     """
-    if len(a) != len(b):
-        raise ValueError(f"chunks differ in length ({len(a)} and {len(b)} calls)")
-    wall = {"a": [], "b": []}
-    cpu = {"a": [], "b": []}
-    diff = 0.0
+    names = list(chunks)
+    lengths = sorted({len(chunk) for chunk in chunks.values()})
+    if len(lengths) != 1:
+        raise ValueError(f"chunks differ in length ({lengths} calls)")
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    diff = {name: 0.0 for name in names[1:]}
     for index in range(repeats):
-        total = {"a": [0.0, 0.0], "b": [0.0, 0.0]}
+        total = {name: [0.0, 0.0] for name in names}
         out: dict[str, torch.Tensor] = {}
-        for k in range(len(a)):
-            order = ("a", "b") if (index + k) % 2 == 0 else ("b", "a")
-            for side in order:
-                seconds, cpu_s, out[side] = timed_cpu((a if side == "a" else b)[k], device)
-                total[side][0] += seconds
-                total[side][1] += cpu_s
-        for side in ("a", "b"):
-            wall[side].append(total[side][0])
-            cpu[side].append(total[side][1])
-        diff = max(diff, _max_abs_diff(out["a"], out["b"]))
+        for k in range(lengths[0]):
+            shift = (index + k) % len(names)
+            for name in names[shift:] + names[:shift]:
+                seconds, cpu_s, out[name] = timed_cpu(chunks[name][k], device)
+                total[name][0] += seconds
+                total[name][1] += cpu_s
+        for name in names:
+            wall[name].append(total[name][0])
+            cpu[name].append(total[name][1])
+        for name in names[1:]:
+            diff[name] = max(diff[name], _max_abs_diff(out[names[0]], out[name]))
+    return wall, cpu, diff
+
+
+def _ratios(wall: dict[str, list[float]], cpu: dict[str, list[float]], diff: dict[str, float], a: str,
+            b: str) -> dict[str, Any]:
+    """Side ``a`` against side ``b``: per-round ratios of chunk times, a/b."""
     return {
-        "ratio": summarise([x / y for x, y in zip(wall["a"], wall["b"])]),
-        "cpu_ratio": summarise([x / y for x, y in zip(cpu["a"], cpu["b"])]),
-        "ratio_of_min": min(wall["a"]) / min(wall["b"]),
-        "rewritten_s": summarise(wall["a"]),
-        "baseline_s": summarise(wall["b"]),
-        "rewritten_cpu_s": summarise(cpu["a"]),
-        "baseline_cpu_s": summarise(cpu["b"]),
-        "max_abs_diff": diff,
+        "ratio": summarise([x / y for x, y in zip(wall[a], wall[b])]),
+        "cpu_ratio": summarise([x / y for x, y in zip(cpu[a], cpu[b])]),
+        "ratio_of_min": min(wall[a]) / min(wall[b]),
+        "rewritten_s": summarise(wall[a]),
+        "baseline_s": summarise(wall[b]),
+        "rewritten_cpu_s": summarise(cpu[a]),
+        "baseline_cpu_s": summarise(cpu[b]),
+        "max_abs_diff": diff[b],
     }
 
 
-def measure_forward(subject: BenchSubject, repeats: int, backend: str | None = None) -> dict[str, Any]:
-    """Forward ratios (VACE on vs the reference, off vs the base) and the re-specialisation cost.
+def _compile(models: Sequence[nn.Module], backend: str, blocks: bool) -> None:
+    """Each model compiled in place: whole (``module.compile``) or each main block (``block.compile``)."""
+    for model in models:
+        for module in (model.blocks if blocks else (model,)):
+            module.compile(backend=backend)
 
-    With ``backend``, the three models are compiled in place (``module.compile(backend=...)``)
-    first: the ratios compare compiled models, ``compile`` records each side's first chunk
-    (setup, prefill and warm-up: where compiling happens) and the graphs compiled during the
-    pairs (0: no recompiles).
+
+def measure_forward(subject: BenchSubject, repeats: int, backend: str | None = None,
+                    blocks: bool = False) -> dict[str, Any]:
+    """Forward ratios (VACE on vs the reference and vs the lean graft, off vs the base) and the re-specialisation cost.
+
+    The three VACE-on sides (rewritten, reference, lean) run interleaved in the same rounds,
+    so both VACE-on ratios share the rewritten model's chunks. With ``backend``, the models
+    are compiled in place first, whole (``module.compile(backend=...)``) or, with ``blocks``,
+    each main block (``block.compile(backend=...)``; the lean graft's VACE branch, which a
+    hook on block 0 runs, then stays eager as the others' VACE blocks do): the ratios
+    compare compiled models, ``compile`` records each side's first chunk (setup, prefill
+    and warm-up: where compiling happens) and the graphs compiled during the pairs (0: no
+    recompiles).
     """
     import surgery
     from surgery.tracing.twin import share_tree
 
     suite = subject.forward
     assert suite is not None and subject.build_reference is not None
-    log("forward: building the base model, the rewritten model and the reference")
+    log("forward: building the base model, the rewritten model, the reference and the lean graft")
     base = suite.build_base()
     result = surgery.apply(base, subject.rule(), example_inputs=subject.example_inputs(base))
     rewritten = result.module
-    # A structural copy sharing every base tensor: the reference replaces blocks in place,
-    # and the base model must stay the plain model for the VACE-off comparison.
+    # Structural copies sharing every base tensor: the reference replaces blocks in place and
+    # the lean graft hooks them, and the base model must stay the plain model for VACE off.
     reference = subject.build_reference(share_tree(base))
-    weights = suite.share_weights(rewritten, reference)
+    lean = None if subject.build_lean is None else subject.build_lean(share_tree(base), backend is not None and blocks)
+    weights = suite.share_weights(rewritten, reference, lean)
     release_memory()
     if backend is not None:
-        for model in (rewritten, reference, base):
-            model.compile(backend=backend)
+        _compile([m for m in (rewritten, reference, lean, base) if m is not None], backend, blocks)
 
     first: dict[str, float] = {}
 
@@ -151,18 +173,19 @@ def measure_forward(subject: BenchSubject, repeats: int, backend: str | None = N
         first[name] = seconds + warm_s
         return chunk
 
-    log("forward: setup and warm-up chunks" + (f" (compiling with {backend})" if backend else ""))
-    on_a = prepared("rewritten_on", rewritten, True)
-    on_b = prepared("reference_on", reference, True)
-    off_a = prepared("rewritten_off", rewritten, False)
-    off_b = prepared("base_off", base, False)
+    log("forward: setup and warm-up chunks" + (f" (compiling {'each block ' if blocks else ''}with {backend})"
+                                               if backend else ""))
+    on = {"rewritten": prepared("rewritten_on", rewritten, True), "reference": prepared("reference_on", reference, True)}
+    if lean is not None:
+        on["lean"] = prepared("lean_on", lean, True)
+    off = {"rewritten": prepared("rewritten_off", rewritten, False), "base": prepared("base_off", base, False)}
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    log(f"forward: {repeats} pairs with VACE on")
-    on = _paired(on_a, on_b, repeats, subject.device)
+    log(f"forward: {repeats} rounds with VACE on ({', '.join(on)})")
+    on_runs = _interleaved(on, repeats, subject.device)
     log(f"forward: {repeats} pairs with VACE off")
-    off = _paired(off_a, off_b, repeats, subject.device)
+    off_runs = _interleaved(off, repeats, subject.device)
     compiled = None if backend is None else {
-        "backend": backend, "first_chunk_s": first,
+        "backend": backend, "mode": "blocks" if blocks else "model", "first_chunk_s": first,
         "graphs_during_pairs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs}
     log("forward: a call at a new resolution")
 
@@ -171,15 +194,18 @@ def measure_forward(subject: BenchSubject, repeats: int, backend: str | None = N
     state = rewritten.surgery_state
     built = state.built
     alternate = suite.runner(rewritten, vace=True, alternate=True, prefill=False, calls=1)
-    first, _ = timed(alternate[0], subject.device)
+    first_call, _ = timed(alternate[0], subject.device)
     outcome, seconds = state.last_dispatch
     respecialise = {
-        "first_call_s": first,
+        "first_call_s": first_call,
         "seconds": seconds,
         "outcome": outcome,
         "new_specialisations": state.built - built,
     }
-    return {"on": on, "off": off, "weights": weights, "respecialise": respecialise, "compile": compiled}
+    return {"on": _ratios(*on_runs, "rewritten", "reference"),
+            "on_lean": None if lean is None else _ratios(*on_runs, "rewritten", "lean"),
+            "off": _ratios(*off_runs, "rewritten", "base"),
+            "weights": weights, "respecialise": respecialise, "compile": compiled}
 
 
 def _dispatchtimed(model: nn.Module, inputs: tuple[tuple, dict], device: torch.device) -> float:

@@ -21,8 +21,9 @@ class ForwardSuite(Protocol):
     def build_base(self) -> nn.Module:
         """A base model with non-trivial values (outputs must differ from zeros)."""
 
-    def share_weights(self, rewritten: nn.Module, reference: nn.Module) -> dict[str, Any]:
-        """Give both models the same seeded random graft weights; returns what was done."""
+    def share_weights(self, rewritten: nn.Module, reference: nn.Module,
+                      lean: Optional[nn.Module] = None) -> dict[str, Any]:
+        """Give the models (``lean`` too, when given) the same seeded random graft weights; returns what was done."""
 
     def runner(self, model: nn.Module, *, vace: bool, alternate: bool = False, prefill: bool = True,
                calls: Optional[int] = None) -> list[Callable[[], torch.Tensor]]:
@@ -42,6 +43,9 @@ class BenchSubject:
     ``build_base()`` returns a fresh base model on ``device`` (zeros or meta at real sizes:
     values do not matter for apply); ``example_inputs(base)`` its example call;
     ``build_reference(base)`` wraps ``base`` (in place) in the hand-written reference;
+    ``build_lean(base, eager_branch)`` adds the lean hand-written graft to ``base`` in place
+    (hooks, the graft padded only to the chunk; ``eager_branch``: its branch stays out of
+    ``torch.compile``, for when the main blocks are compiled one by one) and returns it;
     ``warmup()`` runs apply and the reference once on a small model (one-time imports and
     lazy initialisation out of the memory measurements); ``call_inputs(model, alternate)``
     is one call with a VACE context at the example geometry or (``alternate``) a new one,
@@ -57,6 +61,7 @@ class BenchSubject:
     example_inputs: Callable[[nn.Module], tuple[tuple, dict]]
     base_param_bytes: int
     build_reference: Optional[Callable[[nn.Module], nn.Module]] = None
+    build_lean: Optional[Callable[[nn.Module, bool], nn.Module]] = None
     forward: Optional[ForwardSuite] = None
     warmup: Optional[Callable[[], None]] = None
     call_inputs: Optional[Callable[[nn.Module, bool], tuple[tuple, dict]]] = None

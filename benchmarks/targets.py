@@ -36,6 +36,11 @@ def _scaled(key: str, factor: float) -> Callable[[Mapping[str, Any]], Optional[f
     return lambda r: None if r.get(key) is None else factor * r[key]
 
 
+def _graphs_during_pairs(r: Mapping[str, Any]) -> Optional[float]:
+    compiled = (r.get("forward") or {}).get("compile")
+    return None if not compiled else compiled["graphs_during_pairs"]
+
+
 TARGETS: tuple[Target, ...] = (
     Target("apply_vs_reference", "apply_s <= 0.1 x reference_build_s", "1.3B, cpu, float32",
            _at_13b_cpu_f32, lambda r: r.get("apply_s"), _scaled("reference_build_s", 0.1)),
@@ -43,10 +48,17 @@ TARGETS: tuple[Target, ...] = (
            _at_13b_cpu_f32, lambda r: r.get("apply_extra_bytes"), _scaled("vace_param_bytes", 1.02)),
     Target("forward_on", "forward_ratio_on <= 1.00", "1.3B, cpu, float32",
            _at_13b_cpu_f32, lambda r: r.get("forward_ratio_on"), lambda r: 1.00),
+    # Against the lean hand-written graft (no pad to seq_len): the price of surgery itself.
+    Target("forward_on_lean", "forward_ratio_on_lean <= 1.02", "1.3B, cpu, float32",
+           _at_13b_cpu_f32, lambda r: r.get("forward_ratio_on_lean"), lambda r: 1.02),
     Target("forward_off", "forward_ratio_off <= 1.01", "1.3B, cpu, float32",
            _at_13b_cpu_f32, lambda r: r.get("forward_ratio_off"), lambda r: 1.01),
     Target("apply_14b", "apply_s < 2 s (14B shapes, any device incl. meta)", "14B",
            lambda r: r["size"] == "14B", lambda r: r.get("apply_s"), lambda r: 2.0, strict=True),
+    # A compiled run (--compile or --compile-blocks): repeated identical chunks compile nothing.
+    Target("no_recompiles", "graphs compiled during the pairs <= 0 (compiled runs)", "compiled",
+           lambda r: bool((r.get("settings") or {}).get("compile") or (r.get("settings") or {}).get("compile_blocks")),
+           _graphs_during_pairs, lambda r: 0),
     # At tiny size both sides are fixed per-call overheads (0.2 s against 0.4 s), which say
     # nothing about reuse at real sizes, where a trace is what a recheck saves.
     Target("respecialise", "respecialise_s < 0.25 x apply_s (1.3B and 14B)", "1.3B, 14B",
