@@ -14,12 +14,12 @@ import torch.nn as nn
 
 from .entry import CallChecks, EntryPoint, LatentCheck, model_on_meta, parameter_of
 from .errors import ArgumentError, CallError, GraftError, OrderError
-from .lora.order import build_order, peft_owner
+from .lora.order import build_order, check_sequence, peft_owner
 from .matching.matcher import Match
 from .module import SurgeryState, rewritten_class
 from .rewriting.compiled import retarget_compiled
 from .rewriting.specialise import add_modules, finish, match, prune_resolved, trace_base
-from .rule import GraftContext, Rule
+from .rule import GraftContext, Rule, combined_inputs
 from .tracing.guards import Guard
 from .tracing.twin import share_tree
 
@@ -36,11 +36,23 @@ class Grafted:
     shapes: dict[str, tuple]
 
 
+@dataclass(frozen=True)
+class AppliedRule:
+    """One rule a rewritten model carries and the units it matched."""
+
+    rule: Rule
+    matches: list[Match]
+
+
 @dataclass
 class ApplyResult:
     """What :func:`apply` returns. ``module`` is the input model itself after a dry run.
 
-    ``base_graph`` (the traced graph before the rule's actions, for reports and diffs) is
+    ``rule`` and ``matches`` are those of the rule this call applied; ``rules`` lists every
+    rule the model carries with its matches, in application order (the last is ``rule``),
+    when :func:`apply` composed it onto an already rewritten model; empty otherwise.
+
+    ``base_graph`` (the traced graph before the rules' actions, for reports and diffs) is
     rebuilt from ``graph`` on first access, so surgery itself never copies a graph.
     """
 
@@ -56,6 +68,12 @@ class ApplyResult:
     leaf_calls: dict[str, list[str]] = field(default_factory=dict)
     dry_run: bool = False
     _base_graph: fx.Graph | None = field(default=None, repr=False)
+    rules: tuple[AppliedRule, ...] = ()
+
+    @property
+    def applied(self) -> tuple[AppliedRule, ...]:
+        """Every rule with its matches, in application order (one for a single rule)."""
+        return self.rules or (AppliedRule(self.rule, self.matches),)
 
     @property
     def base_graph(self) -> fx.Graph:
@@ -65,15 +83,21 @@ class ApplyResult:
 
 
 def check_order(model: nn.Module, rule: Rule) -> None:
-    """Refuse models that already carry this rule's grafts or LoRA layers (Base -> rule -> LoRA)."""
-    order = f"surgery runs in the order {build_order(rule.name)}"
-    if "_surgery" in model.__dict__:
-        raise OrderError(f"the model was already rewritten by rule '{model.__dict__['_surgery'].rule.name}'",
-                         f"apply rules to the original base model; {order}")
+    """Refuse models that are LoRA-wrapped (Base -> rules -> LoRA), already carry this rule (by
+    name or by its grafts), or carry a rule whose declared order forbids ``rule`` after it."""
+    state = model.__dict__.get("_surgery")
+    earlier = state.rules if state is not None else ()
+    names = [r.name for r in earlier]
     owner = peft_owner(model)
     if owner is not None:
+        order = f"surgery runs in the order {build_order(*names, rule.name)}"
         raise OrderError(f"the model is already LoRA-wrapped ({owner[0]} is {owner[1]}); {order}",
                          "apply surgery to the base model first, then wrap the result with PEFT")
+    order = f"surgery runs in the order {build_order(*(names or [rule.name]))}"
+    if rule.name in names:
+        raise OrderError(f"the model was already rewritten by rule '{rule.name}'",
+                         f"apply each rule once, starting from the original base model; {order}")
+    check_sequence(earlier, rule)
     prefixes = tuple(rule.weight_prefixes)
     carried = [n for n, _ in model.named_parameters() if prefixes and n.startswith(prefixes)]
     if carried:
@@ -105,7 +129,9 @@ def apply(model: nn.Module, rule: Rule, *, example_inputs: tuple[tuple, dict], d
     """Rewrite ``model`` by ``rule`` and return a new model; the input is never modified.
 
     Args:
-        model: the base model (not LoRA-wrapped, not already rewritten).
+        model: the base model (not LoRA-wrapped), or a model :func:`apply` returned: then the
+            new model carries the earlier rules and ``rule`` after them (composition; see the
+            README's "Composing rules"), as far as the rules' declared order allows.
         rule: the rule, e.g. ``rules.vace.rule()``.
         example_inputs: ``(args, kwargs)`` of a typical call of ``model`` (its caches
             included); used for tracing on a meta-device twin, never executed for real.
@@ -195,55 +221,65 @@ def _apply(model: nn.Module, rule: Rule, example_inputs: tuple[tuple, dict], dry
     if rule.bind is not None:
         rule = rule.bind(rule, model)
     check_order(model, rule)
+    previous = model.__dict__.get("_surgery")  # composing onto a rewritten model: keep its rules
+    earlier = previous.rules if previous is not None else ()
+    base_cls = previous.base_cls if previous is not None else type(model)
+    rules = (*earlier, rule)
+    all_inputs = combined_inputs(rules)
     args, kwargs = example_inputs
-    entry = EntryPoint.of(type(model))
-    state = SurgeryState(rule=rule, base_cls=type(model), latent_input=None)
+    entry = EntryPoint.of(base_cls)
+    state = SurgeryState(rule=rule, base_cls=base_cls, latent_input=None, earlier=earlier)
     inputs, rule_inputs, positional = state.split(tuple(args), dict(kwargs))
     keywords = tuple(inputs)[positional:]
     try:
-        entry.form(positional, keywords, tuple(rule.inputs))
+        entry.form(positional, keywords, tuple(all_inputs))
     except CallError as error:
         raise ArgumentError(f"example_inputs do not fit the model: {error.problem}", error.fix) from None
     new = share_tree(model)
     retarget_compiled(new)  # a copied .compile() call would still run the input's module
     new.__dict__["_surgery"] = state
-    new.__class__ = rewritten_class(type(model), rule.inputs)
+    new.__class__ = rewritten_class(base_cls, all_inputs)
     latent_name = _latent_name(inputs)
     latent = inputs.get(latent_name) if latent_name else None
-    inputs.update(rule.check_call(_example_inputs(rule, latent, new, rule_inputs), inputs, latent, new)
-                  if not dry_run else {name: None for name in rule.inputs})
+    for each in rules:
+        own = {name: rule_inputs[name] for name in each.inputs}
+        inputs.update(each.check_call(_example_inputs(each, latent, new, own), inputs, latent, new)
+                      if not dry_run else dict.fromkeys(each.inputs))
 
     t0 = time.perf_counter()
-    tracer, trace, twin = trace_base(new, type(model), rule, inputs,
-                                     [n for n in inputs if n not in rule.inputs], positional)
+    tracer, trace, twin = trace_base(new, base_cls, rules, inputs, [n for n in inputs if n not in all_inputs],
+                                     positional)
     trace_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    result = match(trace, twin, rule, new)
+    results = [match(trace, twin, each, new) for each in rules]  # all on the base graph
     match_s = time.perf_counter() - t0
-    latent_name, source_path = _stream_source(result.views[0].stream_in, trace.inputs)
+    latent_name, source_path = _stream_source(results[0].views[0].stream_in, trace.inputs)
     state.latent_input = latent_name
-    state.checks = CallChecks(entry, tuple(rule.inputs), parameter_of(entry, positional, keywords, latent_name),
+    state.checks = CallChecks(entry, tuple(all_inputs), parameter_of(entry, positional, keywords, latent_name),
                               LatentCheck.of(source_path, new.get_submodule(source_path) if source_path else None,
                                              inputs.get(latent_name) if latent_name else None))
     timings = {"trace_s": trace_s, "match_s": match_s}
+    applied = tuple(AppliedRule(each, found.matches) for each, found in zip(rules, results)) if earlier else ()
     if dry_run:
         prune_resolved(trace.graph)  # nothing rewrites it: it is the base graph
         timings["apply_s"] = time.perf_counter() - started
-        return ApplyResult(model, rule, type(model).__name__, result.matches, [], list(trace.notes), None,
-                           lambda: trace.graph, timings, dict(trace.leaf_calls), dry_run=True)
+        return ApplyResult(model, rule, base_cls.__name__, results[-1].matches, [], list(trace.notes), None,
+                           lambda: trace.graph, timings, dict(trace.leaf_calls), dry_run=True, rules=applied)
 
     t0 = time.perf_counter()
-    grafted, modules = _graft(new, rule, result.matches, source_path, graft_init)
+    own_stream = results[-1].views[0].stream_in
+    own_source = source_path if not earlier else _stream_source(own_stream, trace.inputs)[1] if own_stream else None
+    grafted, modules = _graft(new, rule, results[-1].matches, own_source, graft_init)
     add_modules(tracer, twin, modules)
     timings["graft_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    spec = finish(new, tracer, trace, result, rule, twin, inputs, trace_s)
+    spec = finish(new, tracer, trace, results, rules, twin, inputs, trace_s)
     state.add(spec)
     state.reasons.append("apply")
     timings["rewrite_s"] = time.perf_counter() - t0
     timings["apply_s"] = time.perf_counter() - started
-    return ApplyResult(new, rule, type(model).__name__, spec.matches, grafted, list(spec.guards.notes), spec.graph,
-                       spec.base_graph_source(), timings, spec.leaf_calls)
+    return ApplyResult(new, rule, base_cls.__name__, spec.matches, grafted, list(spec.guards.notes), spec.graph,
+                       spec.base_graph_source(), timings, spec.leaf_calls, rules=applied)
 
 
 def _latent_name(inputs: dict[str, Any]) -> str | None:

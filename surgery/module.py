@@ -22,6 +22,11 @@ then compiled as a frame of its own, once per specialisation.
 A rewritten model pickles (``torch.save``, ``pickle``, ``copy.deepcopy``) as its module tree
 plus the recipe of its rule (registered name and options, :mod:`.saving`); loading rebuilds
 the rule and an empty specialisation cache, so the first call traces again.
+
+A model rewritten by several rules in sequence (:func:`surgery.apply` on a rewritten model)
+carries them all (``SurgeryState.rules``, in application order): each specialisation traces
+the base class's code once, matches every rule's pattern on that base graph and runs the
+rules' actions in rule order; calls take every rule's inputs, each checked by its own rule.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ import torch.nn as nn
 
 from .entry import CallChecks, EntryPoint
 from .rewriting.specialise import Specialisation, call_signature, specialise
-from .rule import Rule
+from .rule import Rule, combined_inputs
 from .saving import rebuild_rule, rule_recipe
 
 _CLASSES: dict[tuple, type] = {}
@@ -44,7 +49,10 @@ _CLASSES: dict[tuple, type] = {}
 
 @dataclass
 class SurgeryState:
-    """Per-model surgery bookkeeping (kept out of ``state_dict`` and ``named_modules``)."""
+    """Per-model surgery bookkeeping (kept out of ``state_dict`` and ``named_modules``).
+
+    ``rule`` is the last rule applied; ``earlier`` the rules applied before it, in order.
+    """
 
     rule: Rule
     base_cls: type
@@ -61,7 +69,18 @@ class SurgeryState:
     last_dispatch: tuple[str, float] = ("none", 0.0)
     #: The base entry point's checks and where the latent is (set by ``apply``).
     checks: CallChecks | None = None
+    earlier: tuple[Rule, ...] = ()
     _next_key: int = 0
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        """Every rule the model carries, in application order (the last is ``rule``)."""
+        return (*self.earlier, self.rule)
+
+    @property
+    def inputs(self) -> Mapping[str, Any]:
+        """The call inputs of every rule, with their defaults."""
+        return self.rule.inputs if not self.earlier else combined_inputs(self.rules)
 
     @property
     def guards(self) -> list:
@@ -69,7 +88,7 @@ class SurgeryState:
 
     def split(self, args: tuple, kwargs: dict) -> tuple[dict[str, Any], dict[str, Any], int]:
         kwargs = dict(kwargs)
-        rule_inputs = {name: kwargs.pop(name, default) for name, default in self.rule.inputs.items()}
+        rule_inputs = {name: kwargs.pop(name, default) for name, default in self.inputs.items()}
         inputs: dict[str, Any] = {f"arg{i}": value for i, value in enumerate(args)}
         inputs.update(sorted(kwargs.items()))
         return inputs, rule_inputs, len(args)
@@ -116,7 +135,9 @@ class SurgeryState:
             latent = self.checks.validate(model, inputs, rule_inputs, positional)
         else:
             latent = inputs.get(self.latent_input) if self.latent_input else None
-        inputs.update(self.rule.check_call(rule_inputs, inputs, latent, model))
+        for rule in self.rules:
+            own = {name: rule_inputs[name] for name in rule.inputs}
+            inputs.update(rule.check_call(own, inputs, latent, model))
         return inputs, positional
 
     def saved(self) -> dict[str, Any]:
@@ -126,9 +147,10 @@ class SurgeryState:
                 "latent_param": checks.latent_param if checks else None, "latent": checks.latent if checks else None}
 
     @classmethod
-    def restored(cls, rule: Rule, base_cls: type, saved: dict[str, Any]) -> "SurgeryState":
-        state = cls(rule=rule, base_cls=base_cls, latent_input=saved["latent_input"], limit=saved["limit"])
-        state.checks = CallChecks(EntryPoint.of(base_cls), tuple(rule.inputs), saved["latent_param"],
+    def restored(cls, rules: tuple[Rule, ...], base_cls: type, saved: dict[str, Any]) -> "SurgeryState":
+        state = cls(rule=rules[-1], base_cls=base_cls, latent_input=saved["latent_input"], limit=saved["limit"],
+                    earlier=rules[:-1])
+        state.checks = CallChecks(EntryPoint.of(base_cls), tuple(state.inputs), saved["latent_param"],
                                   saved["latent"])
         state.reasons.append("restored from a pickle or copy")
         return state
@@ -155,7 +177,7 @@ class SurgeryState:
         spec = self.lookup(model, inputs, entry)
         outcome = "rechecked" if self.rechecks != rechecks else "cached"
         if spec is None:
-            spec, _, _ = specialise(model, self.base_cls, self.rule, inputs, positional, entry)
+            spec, _, _ = specialise(model, self.base_cls, self.rules, inputs, positional, entry)
             self.add(spec)
             self.reasons.append("; ".join(self.last_misses) if self.last_misses else "first call")
             outcome = "specialised"
@@ -179,8 +201,9 @@ class RewrittenModel(nn.Module):
     def __reduce_ex__(self, protocol: Any) -> tuple:
         # The class is made at run time and the generated graphs are code: neither pickles.
         # Kept instead: the base class, the rule's recipe, and the module tree (tensors included).
+        # Several rules (composition) keep a list of recipes, in order.
         state = self.surgery_state
-        recipe = rule_recipe(state.rule)
+        recipe: Any = rule_recipe(state.rule) if not state.earlier else [rule_recipe(r) for r in state.rules]
         body = dict(self.__getstate__())
         body.pop("_surgery", None)
         return (_restore, (state.base_cls, recipe, state.saved()), body)
@@ -199,11 +222,12 @@ class RewrittenModel(nn.Module):
         return self
 
 
-def _restore(base_cls: type, recipe: tuple[str, dict[str, Any]], saved: dict[str, Any]) -> RewrittenModel:
-    """Unpickling: an empty rewritten model with its rule rebuilt; pickle then sets its tree."""
-    rule = rebuild_rule(recipe)
-    model = object.__new__(rewritten_class(base_cls, rule.inputs))
-    model.__dict__["_surgery"] = SurgeryState.restored(rule, base_cls, saved)
+def _restore(base_cls: type, recipe: tuple[str, dict[str, Any]] | list[tuple[str, dict[str, Any]]],
+             saved: dict[str, Any]) -> RewrittenModel:
+    """Unpickling: an empty rewritten model with its rules rebuilt; pickle then sets its tree."""
+    rules = tuple(map(rebuild_rule, recipe)) if isinstance(recipe, list) else (rebuild_rule(recipe),)
+    model = object.__new__(rewritten_class(base_cls, combined_inputs(rules)))
+    model.__dict__["_surgery"] = SurgeryState.restored(rules, base_cls, saved)
     return model
 
 

@@ -8,11 +8,12 @@ the specialised graph at that place, the way ``subgraph_rewriter`` traces a repl
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch.nn as nn
 
+from .errors import RuleError
 from .matching.matcher import Match
 from .matching.pattern import Pattern
 from .tracing.policy import TracePolicy
@@ -144,6 +145,11 @@ class Rule:
         bind: called by ``apply`` as ``bind(rule, model)`` before anything else; returns the
             rule to use on that model (a rule that adapts to the model's family: its call
             input names, checkpoint names, opaque modules). ``None``: the rule as it is.
+        may_follow: names of the rules this rule may be applied after (composition,
+            :func:`surgery.apply` on a rewritten model); ``None``: any other rule; ``()``: it
+            applies to a base model only.
+        may_precede: names of the rules that may be applied after this one; ``None``: any other
+            rule; ``()``: none (LoRA, which is not a rule, may always come last).
     """
 
     name: str
@@ -164,3 +170,39 @@ class Rule:
     effect_required: bool = True
     reference: Reference | None = None
     lora_schemes: Callable[[nn.Module], "Sequence[Any]"] | None = None
+    may_follow: tuple[str, ...] | None = None
+    may_precede: tuple[str, ...] | None = None
+
+
+def as_rules(rules: "Rule | Sequence[Rule]") -> tuple[Rule, ...]:
+    """One rule or several, in application order, as a tuple."""
+    return (rules,) if isinstance(rules, Rule) else tuple(rules)
+
+
+def combined_inputs(rules: "Rule | Sequence[Rule]") -> dict[str, Any]:
+    """The call inputs (and defaults) of ``rules`` together, in rule order.
+
+    Raises:
+        RuleError: two rules declare the same input name (a call could not tell whose it is).
+    """
+    owners: dict[str, str] = {}
+    inputs: dict[str, Any] = {}
+    for rule in as_rules(rules):
+        for name, default in rule.inputs.items():
+            if name in owners:
+                raise RuleError(f"rules '{owners[name]}' and '{rule.name}' both take the call input '{name}'",
+                                "rename the input in one of the rules; composed rules' inputs must differ")
+            owners[name] = rule.name
+            inputs[name] = default
+    return inputs
+
+
+def combined_policy(rules: "Rule | Sequence[Rule]") -> TracePolicy:
+    """One trace policy keeping opaque what any of ``rules`` keeps opaque."""
+    rules = as_rules(rules)
+    policy = rules[0].trace_policy
+    for rule in rules[1:]:
+        other = rule.trace_policy
+        policy = replace(policy, cache_arguments=policy.cache_arguments | other.cache_arguments,
+                         extra_leaves=policy.extra_leaves | other.extra_leaves)
+    return policy

@@ -8,6 +8,7 @@ the adapters or leave grafted blocks without weights.
 from __future__ import annotations
 
 import sys
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -24,8 +25,27 @@ def applied_rules(model: nn.Module) -> tuple[str, ...]:
     for module in model.modules():
         state = module.__dict__.get("_surgery")
         if state is not None:
-            return (state.rule.name,)
+            return tuple(rule.name for rule in state.rules)
     return ()
+
+
+def check_sequence(earlier: Sequence[Any], rule: Any) -> None:
+    """Refuse ``rule`` after the ``earlier`` rules (in application order) where a rule's declared
+    order forbids it (``Rule.may_precede`` of an earlier one, ``Rule.may_follow`` of ``rule``).
+
+    Raises:
+        OrderError: naming both rules and the order asked for.
+    """
+    order = build_order(*(r.name for r in earlier), rule.name)
+    for before in earlier:
+        if before.may_precede is not None and rule.name not in before.may_precede:
+            problem = f"rule '{before.name}' allows no rule '{rule.name}' after it (asked: {order})"
+        elif rule.may_follow is not None and before.name not in rule.may_follow:
+            problem = f"rule '{rule.name}' may not follow rule '{before.name}' (asked: {order})"
+        else:
+            continue
+        raise OrderError(problem, f"apply '{rule.name}' to a model without '{before.name}', or in an order both "
+                                  "rules allow (Rule.may_follow / Rule.may_precede)")
 
 
 def peft_imported() -> bool:

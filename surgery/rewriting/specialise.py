@@ -20,7 +20,7 @@ import torch.utils._pytree as pytree
 from ..errors import RuleError, TraceError
 from ..matching.matcher import Match, MatchResult, expect_count, find_units
 from ..matching.pattern import CallView
-from ..rule import Rule, Site, Where
+from ..rule import Rule, Site, Where, as_rules, combined_inputs, combined_policy
 from ..tracing.guards import GuardSet, evaluate, resolve_path, snapshot_compiled, snapshot_state, tensor_kind
 from ..tracing.recheck import ShapeRecheck
 from ..tracing.tracer import ConcreteProxy, ExampleTracer, ModuleCall, Trace, tensor_names
@@ -57,6 +57,7 @@ class Specialisation:
     replaced: dict[fx.Node, fx.Node] = field(default_factory=dict)  # injected value -> the value it replaced
     entry: str = "forward"  # the base method the graph was traced from
     base: fx.Graph | None = None  # the base graph, kept only where the rule dropped nodes (Where.REPLACE)
+    rule_matches: list[list[Match]] = field(default_factory=list)  # each rule's matches, in rule order
 
     def base_graph(self) -> fx.Graph:
         """The graph as traced, before the rule's actions (see :func:`without_rule`)."""
@@ -72,16 +73,16 @@ class Specialisation:
         return self.fn(model, model, *[inputs[name] for name in self.input_names])
 
 
-def trace_base(model: nn.Module, base_cls: type, rule: Rule, inputs: dict[str, Any],
+def trace_base(model: nn.Module, base_cls: type, rule: Rule | Sequence[Rule], inputs: dict[str, Any],
                base_names: list[str], positional: int, entry: str = "forward"
                ) -> tuple[ExampleTracer, Trace, nn.Module]:
     """Trace ``base_cls.<entry>`` (``forward``, or a method it dispatches to) on a fake twin of
-    ``model`` with example ``inputs``."""
+    ``model`` with example ``inputs`` (once for several composed rules, under all their policies)."""
     mode = new_fake_mode()
     twin = fake_twin(model, mode)
     twin.__class__ = base_cls
     strip_compiled(twin)  # trace each module's own forward, not a compiled call of the real one
-    tracer = ExampleTracer(rule.trace_policy)
+    tracer = ExampleTracer(combined_policy(rule))
 
     def call(root_proxy: ConcreteProxy, proxies: dict[str, Any]) -> Any:
         names = [f"arg{i}" for i in range(positional)]
@@ -118,11 +119,18 @@ def _site(view: CallView, match_: Match, stream: Any, tracer: ExampleTracer, rul
 
 
 def rewrite(tracer: ExampleTracer, trace: Trace, result: MatchResult, rule: Rule,
-            twin: nn.Module) -> dict[fx.Node, fx.Node]:
-    """Apply the rule's actions to the traced graph, in place; returns replacement -> replaced."""
+            twin: nn.Module, latest: dict[Any, Any] | None = None,
+            replaced: dict[fx.Node, fx.Node] | None = None) -> dict[fx.Node, fx.Node]:
+    """Apply the rule's actions to the traced graph, in place; returns replacement -> replaced.
+
+    ``latest`` (shared by composed rules) holds the value an earlier action put in place of a
+    unit's stream: an action after or before the same unit reads that value, so actions at one
+    site run in order (the first rule's first).
+    """
     graph = trace.graph
     scratch: dict[str, Any] = {}
-    replaced: dict[fx.Node, fx.Node] = {}
+    replaced = {} if replaced is None else replaced
+    latest = {} if latest is None else latest
     for where, action in rule.actions:
         if where is Where.BEFORE_FIRST:
             view, match_ = result.views[0], result.matches[0]
@@ -134,17 +142,20 @@ def rewrite(tracer: ExampleTracer, trace: Trace, result: MatchResult, rule: Rule
             site = _Placed(graph, view, match_, rule, tracer, action)
             if where is Where.AFTER_EACH:
                 out = view.call.output
-                stream = out[0] if isinstance(out, (tuple, list)) else out
-                replacement = site.run(view.stream_out.next, _site(view, match_, stream, tracer, rule, twin, scratch,
-                                                                   out))
+                stream = latest.get(view.stream_out, out[0] if isinstance(out, (tuple, list)) else out)
+                anchor = stream.node if view.stream_out in latest else view.stream_out
+                replacement = site.run(anchor.next, _site(view, match_, stream, tracer, rule, twin, scratch, out))
                 if replacement is not None:
-                    site.reroute(view.stream_out, replacement, replaced)
+                    site.reroute(anchor, replacement, replaced)
+                    latest[view.stream_out] = replacement
             elif where is Where.BEFORE_EACH:
-                stream_in = site.stream_input()
-                replacement = site.run(site.unit_nodes()[0], _site(view, match_, view.call.args[0], tracer, rule,
-                                                                   twin, scratch))
+                key = (site.stream_input(), view.nodes[0])
+                stream = latest.get(key, view.call.args[0])
+                stream_in = stream.node if key in latest else key[0]
+                replacement = site.run(site.unit_nodes()[0], _site(view, match_, stream, tracer, rule, twin, scratch))
                 if replacement is not None:
                     site.reroute(stream_in, replacement, replaced, only=set(view.nodes))
+                    latest[key] = replacement
             elif where is Where.REPLACE:
                 site.stream_input()
                 replacement = site.run(site.unit_nodes()[-1].next, _site(view, match_, view.call.args[0], tracer,
@@ -306,29 +317,42 @@ def compile_graph(graph: fx.Graph, calls: Sequence[ModuleCall] = (),
     return "".join(source for source, _ in templates) + code.src, namespace["forward"]
 
 
-def specialise(model: nn.Module, base_cls: type, rule: Rule, inputs: dict[str, Any], positional: int,
-               entry: str = "forward") -> tuple[Specialisation, Trace, MatchResult]:
-    """Build the specialisation for ``inputs`` of a call of ``entry`` (real values; nothing real is executed)."""
-    base_names = [n for n in inputs if n not in rule.inputs]
+def specialise(model: nn.Module, base_cls: type, rule: Rule | Sequence[Rule], inputs: dict[str, Any],
+               positional: int, entry: str = "forward") -> tuple[Specialisation, Trace, MatchResult]:
+    """Build the specialisation for ``inputs`` of a call of ``entry`` (real values; nothing real is executed).
+
+    Several rules (a composed model, in application order) share one trace of the base code;
+    each rule's pattern is matched on that base graph, so no rule matches another's grafts.
+    The match result returned is the last rule's.
+    """
+    rules = as_rules(rule)
+    rule_inputs = combined_inputs(rules)
+    base_names = [n for n in inputs if n not in rule_inputs]
     started = time.perf_counter()
-    tracer, trace, twin = trace_base(model, base_cls, rule, inputs, base_names, positional, entry)
+    tracer, trace, twin = trace_base(model, base_cls, rules, inputs, base_names, positional, entry)
     trace_s = time.perf_counter() - started
-    result = match(trace, twin, rule, model)
-    spec = finish(model, tracer, trace, result, rule, twin, inputs, trace_s)
+    results = [match(trace, twin, r, model) for r in rules]
+    spec = finish(model, tracer, trace, results, rules, twin, inputs, trace_s)
     spec.entry = entry
-    return spec, trace, result
+    return spec, trace, results[-1]
 
 
-def finish(model: nn.Module, tracer: ExampleTracer, trace: Trace, result: MatchResult, rule: Rule,
-           twin: nn.Module, inputs: dict[str, Any], trace_s: float) -> Specialisation:
-    """Apply the rule's actions to a traced, matched graph, compile it and record its guards."""
+def finish(model: nn.Module, tracer: ExampleTracer, trace: Trace, result: MatchResult | Sequence[MatchResult],
+           rule: Rule | Sequence[Rule], twin: nn.Module, inputs: dict[str, Any], trace_s: float) -> Specialisation:
+    """Apply the rules' actions (several: in order, each with its own match result) to a traced,
+    matched graph, compile it and record its guards."""
     started = time.perf_counter()
-    before = set(trace.graph.nodes)
-    base = base_copy(trace.graph) if any(where is Where.REPLACE for where, _ in rule.actions) else None
-    replaced = rewrite(tracer, trace, result, rule, twin)
-    for node in trace.graph.nodes:
-        if node not in before and "surgery" not in node.meta:
-            node.meta["surgery"] = {"rule": rule.name, "role": "branch", "index": None}
+    rules = as_rules(rule)
+    results = [result] if isinstance(result, MatchResult) else list(result)
+    base = base_copy(trace.graph) if any(where is Where.REPLACE for r in rules for where, _ in r.actions) else None
+    replaced: dict[fx.Node, fx.Node] = {}
+    latest: dict[Any, Any] = {}
+    for each, matched in zip(rules, results):
+        before = set(trace.graph.nodes)
+        rewrite(tracer, trace, matched, each, twin, latest, replaced)
+        for node in trace.graph.nodes:
+            if node not in before and "surgery" not in node.meta:
+                node.meta["surgery"] = {"rule": each.name, "role": "branch", "index": None}
     # Before pruning: the nodes that only fed Python decisions are what a recheck evaluates.
     recheck = ShapeRecheck(trace.graph, tracer.concretised, tracer.calls, twin) \
         if tracer.shape_specific is None else None
@@ -336,7 +360,7 @@ def finish(model: nn.Module, tracer: ExampleTracer, trace: Trace, result: MatchR
     as_modules = {path for path, call in compiled.items() if call is not None}
     prune_resolved(trace.graph, keep=argument_nodes(tracer.calls, as_modules))
     code, fn = compile_graph(trace.graph, tracer.calls, call_sites(trace.graph, tracer, as_modules, replaced,
-                                                                    rule.name))
+                                                                    " + ".join(r.name for r in rules)))
     rewrite_s = time.perf_counter() - started
     shaped = dict.fromkeys(dep[1] for dep in tracer.deps if dep[0] == "input" and dep[2] == "meta"
                            and isinstance(resolve_path(inputs, dep[1]), torch.Tensor))
@@ -350,8 +374,8 @@ def finish(model: nn.Module, tracer: ExampleTracer, trace: Trace, result: MatchR
         shape_specific=tracer.shape_specific,
         compiled=compiled,
     )
-    return Specialisation(guards, trace.graph, code, fn, list(trace.inputs), result.matches, trace_s, rewrite_s,
-                          dict(tracer.leaf_calls), replaced, base=base)
+    return Specialisation(guards, trace.graph, code, fn, list(trace.inputs), results[-1].matches, trace_s, rewrite_s,
+                          dict(tracer.leaf_calls), replaced, base=base, rule_matches=[r.matches for r in results])
 
 
 def add_modules(tracer: ExampleTracer, twin: nn.Module, modules: dict[str, nn.Module]) -> None:
