@@ -58,12 +58,12 @@ def _check_module(module: object, adapter_name: str) -> None:
 
 
 def rule_schemes(module: nn.Module) -> tuple[TargetScheme, ...]:
-    """The LoRA naming schemes of the rule that rewrote ``module`` (a PEFT wrapper looked through)."""
+    """The LoRA naming schemes of the rules that rewrote ``module`` (a PEFT wrapper looked through)."""
     for inner in module.modules():
         state = inner.__dict__.get("_surgery")
         if state is not None:
-            found = state.rule.lora_schemes
-            return tuple(found(inner)) if found is not None else ()
+            return tuple(scheme for rule in state.rules if rule.lora_schemes is not None
+                         for scheme in rule.lora_schemes(inner))
     return ()
 
 
