@@ -418,8 +418,8 @@ def test_read_only_directory_is_a_report_error(tmp_path):
 
 # --- report.json / report.md ------------------------------------------------------------
 
-TOP_KEYS = {"schema_version", "lora", "model", "source", "rule", "options", "matches", "grafted", "guards",
-            "validation", "timings", "dry_run", "graph", "golden"}
+TOP_KEYS = {"schema_version", "lora", "model", "source", "rule", "options", "matches", "rules", "build_order",
+            "grafted", "guards", "validation", "timings", "dry_run", "graph", "golden"}
 
 
 def test_report_json_schema_keys(tmp_path):

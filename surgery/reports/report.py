@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from surgery.lora.order import build_order
 from surgery.lora.uncalled import uncalled_linear
 from surgery.reports.diff import diff_graphs, group_changes
 from surgery.reports.files import atomic_write_many
@@ -119,6 +120,19 @@ def lora_section(result: Any) -> dict[str, Any]:
     return {"uncalled_linear": uncalled_linear(module)}
 
 
+def _match_rows(matches: Sequence[Any]) -> list[dict[str, Any]]:
+    return [{"name": m.name, "class": m.cls, "position": int(m.position), "index": m.index} for m in matches]
+
+
+def rules_section(result: Any) -> list[dict[str, Any]]:
+    """The ``rules`` section: every rule the model carries, in application order, with its
+    options and matches (one entry for a model rewritten by one rule)."""
+    applied = getattr(result, "applied", None) or ()
+    pairs = [(a.rule, a.matches) for a in applied] or [(result.rule, result.matches)]
+    return [{"name": str(rule.name), "options": jsonable(dict(getattr(rule, "options", None) or {})),
+             "matches": _match_rows(matches)} for rule, matches in pairs]
+
+
 def build_report(
     result: Any,
     validation: Any = None,
@@ -131,22 +145,24 @@ def build_report(
 
     ``timings`` adds to or overrides ``result.timings`` (the CLI passes ``validate_s``);
     ``source`` is the MODEL argument the CLI was given; ``golden`` is a
-    :func:`golden_section` when the graph was compared with a golden file.
+    :func:`golden_section` when the graph was compared with a golden file. ``rule``,
+    ``options`` and ``matches`` are the last rule's (the one ``result`` applied); ``rules``
+    lists every rule of a composed model.
     """
     all_timings = {**dict(getattr(result, "timings", None) or {}), **dict(timings or {})}
     rule = result.rule
     graph = getattr(result, "graph", None)
     base = getattr(result, "base_graph", None)
+    rules = rules_section(result)
     return {
         "schema_version": SCHEMA_VERSION,
         "model": str(result.model_name),
         "source": source,
         "rule": str(rule.name),
         "options": jsonable(dict(getattr(rule, "options", None) or {})),
-        "matches": [
-            {"name": m.name, "class": m.cls, "position": int(m.position), "index": m.index}
-            for m in result.matches
-        ],
+        "matches": _match_rows(result.matches),
+        "rules": rules,
+        "build_order": build_order(*(r["name"] for r in rules)),
         "grafted": [{"name": g.name, "params": int(g.params)} for g in result.grafted],
         "guards": [{"kind": g.kind, "expr": g.expr, "value": str(g.value), "where": g.where} for g in result.guards],
         "validation": normalise_validation(validation),
@@ -196,11 +212,26 @@ def _fmt_diff(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g}"
 
 
+def _composed(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The report's rules when there are several (a composed model); empty otherwise (and
+    for reports written before composition)."""
+    rules = report.get("rules") or []
+    return rules if len(rules) > 1 else []
+
+
+def _rule_title(report: Mapping[str, Any]) -> str:
+    """The rule's name, or the composed rules' names in order (``vace + ffn-adapter``)."""
+    composed = _composed(report)
+    return " + ".join(r["name"] for r in composed) if composed else str(report["rule"])
+
+
 def summary_line(report: Mapping[str, Any]) -> str:
     """One sentence: rule, model, matches, grafted parameters, inserted nodes, validation verdict."""
     params = sum(g["params"] for g in report["grafted"])
     graph = report["graph"]
-    parts = [f"**{report['rule']}** on **{report['model']}**", f"{len(report['matches'])} matches"]
+    composed = _composed(report)
+    matches = " + ".join(str(len(r["matches"])) for r in composed) if composed else str(len(report["matches"]))
+    parts = [f"**{_rule_title(report)}** on **{report['model']}**", f"{matches} matches"]
     if report.get("dry_run"):
         parts.append("dry run (nothing grafted or rewritten)")
     else:
@@ -255,16 +286,27 @@ def _match_index(match: Mapping[str, Any]) -> int | None:
 def render_markdown(report: Mapping[str, Any], base_graph: torch.fx.Graph | None, rewritten_graph: torch.fx.Graph | None) -> str:
     """The reviewer's page: summary, tables, the rewritten region as Mermaid, and the graph diff."""
     source = f" ({report['source']})" if report.get("source") else ""
-    out: list[str] = [f"# Surgery report: {report['rule']} on {report['model']}{source}", "", summary_line(report), ""]
+    out: list[str] = [f"# Surgery report: {_rule_title(report)} on {report['model']}{source}", "",
+                      summary_line(report), ""]
 
+    composed = _composed(report)
+    if composed:
+        out += [f"Build order: `{report.get('build_order') or build_order(*(r['name'] for r in composed))}`", ""]
+        out += ["## Rules", ""]
+        out += _table(("rule", "options", "matches"),
+                      [(r["name"], Code(", ".join(f"{k}={json.dumps(v)}" for k, v in (r["options"] or {}).items())),
+                        len(r["matches"])) for r in composed]) + [""]
     options = report.get("options") or {}
-    if options:
+    if options and not composed:
         out += ["Rule options: " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in options.items()), ""]
 
     out += ["## Matches", ""]
-    rows = [(m["position"], m["name"], m["class"], "" if _match_index(m) is None else _match_index(m))
-            for m in report["matches"]]
-    out += (_table(("position", "module", "class", "index"), rows) if rows else ["No matches."]) + [""]
+    groups = [(r["name"], r["matches"]) for r in composed] or [(None, report["matches"])]
+    rows = [((name,) if name else ()) + (m["position"], m["name"], m["class"],
+                                         "" if _match_index(m) is None else _match_index(m))
+            for name, matches in groups for m in matches]
+    headers = (("rule",) if composed else ()) + ("position", "module", "class", "index")
+    out += (_table(headers, rows) if rows else ["No matches."]) + [""]
 
     out += ["## Grafted modules", ""]
     rows = [(g["name"], f"{g['params']:,}") for g in report["grafted"]]
@@ -342,6 +384,7 @@ __all__ = [
     "lora_section",
     "normalise_validation",
     "render_markdown",
+    "rules_section",
     "summary_line",
     "write_report",
 ]
