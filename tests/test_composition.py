@@ -30,7 +30,9 @@ from surgery.reports import build_report, render_markdown, write_report
 from surgery.rule import Rule, Site, Where
 from surgery.tracing.policy import TracePolicy
 
-DIM, HIDDEN = 8, 16
+from report_fakes import DIM, Tiny
+
+HIDDEN = 16
 
 # ---- a small model and simple rules ------------------------------------------------------------
 
@@ -45,18 +47,12 @@ class Block(nn.Module):
         return x + self.ffn(self.norm(x))
 
 
-class Net(nn.Module):
-    def __init__(self, blocks: int = 3) -> None:
-        super().__init__()
-        self.embed = nn.Linear(4, DIM)
-        self.blocks = nn.ModuleList(Block() for _ in range(blocks))
-        self.head = nn.Linear(DIM, 4)
+class Net(Tiny):
+    """An embedding, three blocks with an FFN each, a head."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
+    def __init__(self, blocks: int = 3) -> None:
+        super().__init__(blocks)
+        self.blocks = nn.ModuleList(Block() for _ in range(blocks))
 
 
 class Gain(nn.Module):
