@@ -127,7 +127,7 @@ def write_files(directory: Path, dim: int, ffn: int, blocks: int) -> tuple[dict[
 def child(method: str, file: str, dim: int, ffn: int, blocks: int, dtype_name: str, populated: bool) -> dict:
     from safetensors.torch import load_file
 
-    from surgery.weights import load_vace_weights
+    from rules.vace import load_vace_weights
 
     model = build(dim, ffn, blocks, getattr(torch, dtype_name), populated)
     # Start both sides of a pair from the same collector state: importing torch and building

@@ -173,12 +173,13 @@ def check_arguments(model: Any, rule: Any, example_inputs: Any, dry_run: Any, gr
     if not isinstance(rule, Rule):
         if isinstance(rule, str):
             raise ArgumentError(f"rule must be a surgery.Rule, got the name {rule!r}",
-                                f"build it first: rules.RULES[{rule!r}]() (e.g. rules.vace.rule())")
+                                f"build it first: rules.RULES[{rule!r}]()")
         if callable(rule):
             name = f"{getattr(rule, '__module__', None) or '?'}.{getattr(rule, '__qualname__', type(rule).__name__)}"
             raise ArgumentError(f"rule must be a surgery.Rule, got the uncalled factory {name}",
-                                f"call it: {name}(...), e.g. rules.vace.rule(vace_in_dim=96)")
-        raise ArgumentError(f"rule must be a surgery.Rule, got {type(rule).__name__}", "e.g. rules.vace.rule()")
+                                f"call it: {name}(...) with the rule's options (see `surgery rules`)")
+        raise ArgumentError(f"rule must be a surgery.Rule, got {type(rule).__name__}",
+                            "build one with a rule factory: rules.RULES[NAME](...)")
     example = "example_inputs=(args, kwargs) of a typical call, e.g. examples.driver.example_call(model, pipeline)"
     if not (isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 2):
         shown = "None" if example_inputs is None else type(example_inputs).__name__

@@ -12,7 +12,8 @@ arguments (:mod:`.entry`), then the rule's own inputs (``Rule.check_call``).
 The rewritten class's ``forward``, and each method the base ``forward`` passes its arguments
 on to (``_forward_inference``), show the base signature plus the rule's inputs as keyword-only
 parameters, so a host that filters keyword arguments by ``inspect.signature`` passes
-``vace_context`` through; a call of such a method is traced from that method.
+the rule's inputs (e.g. ``vace_context``) through; a call of such a method is traced from that
+method.
 
 Under ``torch.compile`` the entry methods and the dispatch are skipped by dynamo (guard checks,
 re-specialisation and timing are Python bookkeeping that would otherwise become guarded

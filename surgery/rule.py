@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch.nn as nn
 
@@ -17,6 +17,9 @@ from .errors import RuleError
 from .matching.matcher import Match
 from .matching.pattern import Pattern
 from .tracing.policy import TracePolicy
+
+if TYPE_CHECKING:
+    from .weights.checks import WeightChecks
 
 
 class Where(enum.Enum):
@@ -129,6 +132,9 @@ class Rule:
             the model's owner provides the reference (``surgery.validation.Harness``).
         lora_schemes: ``lora_schemes(model)`` gives the rule's own LoRA target namings
             (:class:`surgery.lora.TargetScheme`) for a model it rewrote; ``None``: none.
+        check_weights: the rule's own checks of a weights file against the model
+            (:class:`surgery.weights.WeightChecks`: its branch's width and depth, values it
+            cannot use), run by :func:`surgery.weights.load_rule_weights`; ``None``: none.
         assign: gives each match its index for the actions (``None`` = not acted on).
         grafts: builds the new modules, keyed by their dotted path in the model
             (``adapters`` on the root, ``blocks.3.ffn_adapter`` inside a block); each is
@@ -170,6 +176,7 @@ class Rule:
     effect_required: bool = True
     reference: Reference | None = None
     lora_schemes: Callable[[nn.Module], "Sequence[Any]"] | None = None
+    check_weights: WeightChecks | None = None
     may_follow: tuple[str, ...] | None = None
     may_precede: tuple[str, ...] | None = None
 

@@ -25,7 +25,8 @@ from rules.vace.keymaps import NATIVE_TO_DIFFUSERS
 from surgery.cli import commands
 from surgery.cli.main import build_parser, main
 from surgery.lora import load_lora_file
-from surgery.weights import apply_key_map, compile_key_map, load_vace_weights
+from rules.vace import load_vace_weights
+from surgery.weights import apply_key_map, compile_key_map
 from test_cli_basic import FACTORY
 from test_cli_robust import engine, error_line, refused_before_work  # noqa: F401 (engine is a fixture)
 

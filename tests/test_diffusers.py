@@ -23,7 +23,7 @@ from rules.vace.profiles import DIFFUSERS  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from surgery.errors import CallError, GraftError  # noqa: E402
 from surgery.grafting.build import rebuild_like  # noqa: E402
-from surgery.weights import load_vace_weights  # noqa: E402
+from rules.vace import load_vace_weights  # noqa: E402
 from surgery.weights.keys import apply_key_map, compile_key_map  # noqa: E402
 
 CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
@@ -56,7 +56,7 @@ def models(tmp_path_factory):
     reference.load_state_dict(weights, strict=False)
     save_file(weights, str(path))
     report = load_vace_weights(result.module, path)  # no key map: the names are diffusers' own
-    assert report.tensors == len(weights) and report.blocks == len(LAYERS)
+    assert report.tensors == len(weights) and report.facts["VACE blocks"] == len(LAYERS)
     return base, result, reference
 
 

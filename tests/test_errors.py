@@ -45,7 +45,7 @@ from surgery.errors import (
 )
 from surgery.reports import files as report_files
 from surgery.reports.report import REPORT_JSON, REPORT_MD, write_report
-from surgery.weights import load_vace_weights
+from rules.vace import load_vace_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "longlive"  # the CLI's built-in tiny model: 4 blocks, dim 64, ffn 128, default vace_layers [0, 2]

@@ -30,7 +30,7 @@ from examples import PIPELINE_MODULES, PIPELINES
 from examples.driver import example_call
 from examples.reference import CausalVaceWanModel, load_vace_state_dict, random_vace_state_dict
 from rules import vace
-from surgery.weights import load_vace_weights
+from rules.vace import load_vace_weights
 from test_errors import ModelSnapshot, base_output
 
 NAMES = list(PIPELINE_MODULES)

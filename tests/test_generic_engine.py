@@ -102,7 +102,8 @@ def test_rule_weights_load_by_the_rules_own_prefixes_and_key_maps(tmp_path):
     from rules import ffn_adapter, vace
     from rules.vace.keymaps import NATIVE_TO_DIFFUSERS
     from surgery.errors import WeightsError
-    from surgery.weights import apply_key_map, compile_key_map, load_rule_weights, load_vace_weights
+    from rules.vace import load_vace_weights
+    from surgery.weights import apply_key_map, compile_key_map, load_rule_weights
 
     pipeline = PIPELINES["longlive"]
     base = pipeline.build("tiny", seed=0)

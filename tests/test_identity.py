@@ -175,7 +175,7 @@ def test_loading_vace_weights_into_the_result_leaves_the_input_alone(tmp_path):
     from safetensors.torch import save_file
 
     from examples.reference import random_vace_state_dict
-    from surgery.weights import load_vace_weights
+    from rules.vace import load_vace_weights
 
     _, model, result = build()
     record = InputRecord.take(model)

@@ -39,7 +39,7 @@ from surgery.errors import OrderError
 from surgery.lora import check_order, load_lora_file, module_targeted_targets
 from surgery.lora.uncalled import uncalled_linear, uncalled_targets
 from surgery.reports.report import build_report, render_markdown
-from surgery.weights import load_vace_weights
+from rules.vace import load_vace_weights
 
 pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402

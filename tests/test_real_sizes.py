@@ -32,7 +32,8 @@ from surgery.cli import commands
 from surgery.cli.main import main
 from surgery.cli.safetensors_out import write_safetensors
 from surgery.errors import InputError
-from surgery.weights import DEFAULT_VACE_PREFIXES, apply_key_map, compile_key_map, load_vace_weights
+from rules.vace import DEFAULT_VACE_PREFIXES, load_vace_weights
+from surgery.weights import apply_key_map, compile_key_map
 
 NAME = "longlive"
 PIPELINE = PIPELINES[NAME]
@@ -166,7 +167,7 @@ def test_full_checkpoint_builds_the_base_on_meta_without_any_init(full_run):
     assert run.code == 0, run.err
     assert run.builds == ["meta"]
     assert run.wrote == []
-    assert "Base weights: " in run.out and "tensors left for the VACE branch" in run.out
+    assert "Base weights: " in run.out and "tensors left for the rule's weights" in run.out
 
 
 def test_full_checkpoint_loads_base_and_vace_bit_for_bit(full_run, checkpoint):
@@ -279,11 +280,12 @@ def test_a_base_tensor_that_is_not_floating_point_is_one_line(checkpoint, tmp_pa
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--base-weights", "{vace}"], "--base-weights {vace} holds no base-model weights, only VACE keys; fix: pass the "
-                                   "base model's checkpoint to --base-weights, and this file to --weights"),
+    (["--base-weights", "{vace}"], "--base-weights {vace} holds no base-model weights, only rule vace's keys "
+                                   "(vace_blocks., vace_patch_embedding.); fix: pass the base model's checkpoint to "
+                                   "--base-weights, and this file to --weights"),
     (["--base-weights", "{base}", "--weights", "{full}"],
-     "--weights {full} is a full checkpoint (123 base tensors besides its VACE keys) and --base-weights {base} holds "
-     "a base too; fix: drop --base-weights"),
+     "--weights {full} is a full checkpoint (123 base tensors besides rule vace's keys) and --base-weights {base} "
+     "holds a base too; fix: drop --base-weights"),
     (["--base-weights", "{base}", "--dry-run"], "--base-weights needs the rewritten model, which --dry-run does not build"),
     (["--size", "1.3B", "--validate"], "validating longlive at --size 1.3B needs the base model's weights, and random "
                                        "ones are made only at --size tiny; fix: pass a full checkpoint"),

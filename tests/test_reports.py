@@ -214,14 +214,14 @@ def test_picture_of_vace_shows_the_chain_every_injection_point_and_the_branch():
     assert picture.names == {
         # the main chain, runs of blocks between the injection points
         ("arg0", "patch_embedding"), ("patch_embedding", "input of blocks.0"), ("input of blocks.0", "blocks.0"),
-        ("blocks.0", "+ hint 0"), ("+ hint 0", "blocks.1-2"), ("blocks.1-2", "+ hint 1"), ("+ hint 1", "blocks.3"),
+        ("blocks.0", "+ vace 0"), ("+ vace 0", "blocks.1-2"), ("blocks.1-2", "+ vace 1"), ("+ vace 1", "blocks.3"),
         ("blocks.3", "head"), ("head", "output"),
         # the branch: fed by the context and by x0 (the stream entering blocks.0), feeding each hint
         ("vace_context", "vace_patch_embedding"), ("vace_patch_embedding", "vace_blocks.0"),
         ("input of blocks.0", "vace_blocks.0"), ("vace_blocks.0", "vace_blocks.1"),
-        ("vace_blocks.0", "+ hint 0"), ("vace_blocks.1", "+ hint 1"),
+        ("vace_blocks.0", "+ vace 0"), ("vace_blocks.1", "+ vace 1"),
     }
-    assert picture.boxes("inject") == [["+ hint 0", "with vace_context_scale"], ["+ hint 1", "with vace_context_scale"]]
+    assert picture.boxes("inject") == [["+ vace 0", "with vace_context_scale"], ["+ vace 1", "with vace_context_scale"]]
     assert ["blocks.1-2", "2 × CausalWanAttentionBlock"] in picture.boxes("block")
     assert ["patch_embedding", "Conv3d"] in picture.boxes("base")
     assert sorted(line[0] for line in picture.boxes("branch")) == ["vace_blocks.0", "vace_blocks.1", "vace_patch_embedding"]
@@ -250,11 +250,11 @@ def test_picture_of_another_rule_draws_an_adapter_after_each_block():
 def test_picture_of_forty_blocks_collapses_runs():
     picture = read_picture(mermaid_region(*forty_blocks(every=5)))
     _sound(picture)
-    hints = [f"+ hint {k}" for k in range(8)]
+    hints = [f"+ vace {k}" for k in range(8)]
     runs = ["blocks.0"] + [f"blocks.{a}-{a + 4}" for a in range(1, 36, 5)]
     chain = ["x", "embed"] + [box for pair in zip(runs, hints) for box in pair] + ["blocks.36-39", "head", "output"]
     assert set(zip(chain, chain[1:])) <= picture.names
-    assert {(f"vace_blocks.{k}", f"+ hint {k}") for k in range(8)} <= picture.names
+    assert {(f"vace_blocks.{k}", f"+ vace {k}") for k in range(8)} <= picture.names
     assert len(picture.labels) == len(chain) + 2 + 8  # + vace_context, vace_embed and 8 VACE blocks
 
 
@@ -262,10 +262,10 @@ def test_picture_of_forty_injection_points_collapses_the_middle():
     picture = read_picture(mermaid_region(*forty_blocks(every=1)))
     _sound(picture)
     assert len(picture.labels) <= 16
-    middle = ["blocks.2-38", "37 blocks, 36 injection points", "+ hint 2 .. + hint 37"]
+    middle = ["blocks.2-38", "37 blocks, 36 injection points", "+ vace 2 .. + vace 37"]
     assert middle in picture.boxes("inject")
     assert ["vace_blocks.0-39", "40 × Block"] in picture.boxes("branch")
-    chain = ["blocks.0", "+ hint 0", "blocks.1", "+ hint 1", "blocks.2-38", "+ hint 38", "blocks.39", "+ hint 39", "head"]
+    chain = ["blocks.0", "+ vace 0", "blocks.1", "+ vace 1", "blocks.2-38", "+ vace 38", "blocks.39", "+ vace 39", "head"]
     assert set(zip(chain, chain[1:])) <= picture.names
 
 
@@ -275,7 +275,7 @@ def test_picture_without_matches_infers_the_blocks():
     inferred = read_picture(mermaid_region(result.graph))
     _sound(inferred)
     assert inferred.names == with_matches.names
-    assert ("+ hint 0", "blocks.1-2") in inferred.names and ("vace_blocks.1", "+ hint 1") in inferred.names
+    assert ("+ vace 0", "blocks.1-2") in inferred.names and ("vace_blocks.1", "+ vace 1") in inferred.names
 
 
 def test_mermaid_is_empty_without_surgery():
@@ -489,7 +489,7 @@ def test_markdown_has_every_section():
     assert "| chunk 0 | 0 | 0 | pass |" in md
     assert "```mermaid\nflowchart TD\n" in md
     picture = read_picture(md.split("```mermaid\n")[1].split("```")[0])
-    assert ("blocks.0", "+ hint 0") in picture.names and ("vace_blocks.1", "+ hint 1") in picture.names
+    assert ("blocks.0", "+ vace 0") in picture.names and ("vace_blocks.1", "+ vace 1") in picture.names
     assert "```diff\n--- base (before surgery)\n+++ rewritten (after surgery)\n" in md
     assert "+%@vace.inject.0/add = call_function operator.add" in md
     assert "| added | vace_blocks.*.norm | call_module | `vace_blocks.*.norm` | vace:branch | x2 |" in md

@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rules.vace import load_vace_weights
 from rules.vace.keymaps import DIFFUSERS_TO_NATIVE, NATIVE_TO_DIFFUSERS
 from surgery.errors import OrderError, RuleError, WeightsError
-from surgery.weights import LoadReport, apply_key_map, compile_key_map, load_vace_weights, read_header
+from surgery.weights import LoadReport, apply_key_map, compile_key_map, read_header
 
 DIM, FFN, VACE_IN, MAIN_LAYERS, VACE_BLOCKS = 64, 128, 96, 4, 2
 
@@ -200,7 +201,7 @@ def test_every_layout_loads_identical_parameters(tmp_path, ref):
         before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("vace_")}
         report = load_vace_weights(model, path, expect_vace_in_dim=96, expect_blocks=VACE_BLOCKS, **kwargs)
         assert isinstance(report, LoadReport)
-        assert (report.tensors, report.vace_in_dim, report.blocks) == (len(ref), 96, VACE_BLOCKS), name
+        assert (report.tensors, report.facts) == (len(ref), {"vace_in_dim": 96, "VACE blocks": VACE_BLOCKS}), name
         assert_loaded(model, ref)
         # Non-VACE parameters are never touched, even when the file carries them.
         after = model.state_dict()
@@ -496,7 +497,7 @@ def test_no_vace_keys_and_no_vace_module(tmp_path, ref):
     path = write(tmp_path / "base.safetensors", base_values())
     expect_error(StandIn(), WeightsError, "holds no VACE keys", path)
     plain = nn.Sequential(nn.Linear(2, 2))
-    expect_error(plain, WeightsError, "graft the VACE branch first", write(tmp_path / "v.safetensors", ref))
+    expect_error(plain, WeightsError, "graft the VACE modules first", write(tmp_path / "v.safetensors", ref))
 
 
 def test_ambiguous_prefixes(tmp_path, ref):

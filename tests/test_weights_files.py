@@ -26,7 +26,8 @@ from torch import nn
 import surgery.weights.loader as loader
 import surgery.weights.reading as reading
 from surgery.errors import ReportError, WeightsError
-from surgery.weights import load_vace_weights, require_regular_file
+from rules.vace import load_vace_weights
+from surgery.weights import require_regular_file
 from surgery.weights.paths import open_regular
 from surgery.weights.values import all_finite, all_zero
 from test_weights import StandIn, assert_loaded, assert_unchanged, exact_values, snapshot, vace_shapes, write
@@ -391,7 +392,7 @@ def test_mmap_opt_in_dies_with_sigbus_when_the_file_is_truncated(tmp_path, ref):
         import os, sys
         sys.path[:0] = {[str(Path(__file__).parent), str(Path(__file__).parents[1])]!r}
         from test_weights import StandIn
-        from surgery.weights import load_vace_weights
+        from rules.vace import load_vace_weights
         model = StandIn()
         load_vace_weights(model, {str(path)!r}, mmap=True)
         os.truncate({str(path)!r}, 16)

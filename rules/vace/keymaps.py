@@ -1,6 +1,6 @@
 """Key maps between the diffusers Wan/VACE layout and the native (original Wan/VACE) layout.
 
-Plain data for :func:`surgery.weights.load_vace_weights` (``key_map=``) and
+Plain data for :func:`rules.vace.load_vace_weights` (``key_map=``) and
 :func:`surgery.lora.load_lora_file`: ordered ``(pattern, replacement)`` pairs applied to
 every key in turn; a pattern starting with ``"re:"`` is a regular expression, anything
 else a substring. Both tables follow diffusers' ``VACE_TRANSFORMER_KEYS_RENAME_DICT``

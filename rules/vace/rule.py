@@ -33,6 +33,7 @@ from .config import OPTIONS, check_layers
 from .inputs import check_inputs, normalise_scale
 from .lora_keys import lora_schemes, model_layers
 from .profiles import FALLBACK, PROFILES, VaceProfile, detect, resolve
+from .weights import weight_checks
 
 NAME = "vace"
 
@@ -143,6 +144,8 @@ def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_la
         bind=bind if profile is None else None,
         count_option="num_layers",
         lora_schemes=lambda model: lora_schemes(model_layers(model), family.blocks),
+        check_weights=weight_checks(patch_embedding=family.patch_embedding, blocks=family.blocks,
+                                    diffusers_fix="diffusers" in family.key_maps),
     )
     return unbound
 

@@ -60,7 +60,7 @@ class ApplyOptions:
     size: str | None = None
     weights: str | None = None
     key_map: str | None = None  # a name in the rule's key_maps, for --weights and --base-weights
-    base_weights: str | None = None  # the base model's checkpoint, when --weights holds only the VACE branch
+    base_weights: str | None = None  # the base model's checkpoint, when --weights holds only the rule's weights
     lora: str | None = None
     lora_scale: float | None = None  # None: 1.0
     lora_key_map: str | None = None
@@ -234,7 +234,7 @@ def _threads_for(model: Any) -> None:
         torch.set_num_threads(1)
 
 
-def _size_hint(source: ModelSource, settings: Sequence[str]) -> str:
+def _size_fix_text(source: ModelSource, settings: Sequence[str]) -> str:
     """The fix for running out of memory: the options that decide the sizes, with their values."""
     sizes = [f"--set {k}={v}" for k, v in parse_set(settings).items() if isinstance(v, int) and not isinstance(v, bool)]
     if source.builtin:
@@ -244,10 +244,10 @@ def _size_hint(source: ModelSource, settings: Sequence[str]) -> str:
 
 def _rewrite(backend: Backend, loaded: LoadedModel, rule: Any, source: ModelSource, settings: Sequence[str],
              dry_run: bool) -> Any:
-    # The example inputs the rule adds (e.g. a vace_context of vace_in_dim channels) and the
+    # The example inputs the rule adds (a control input sized by the rule's options) and the
     # grafted modules are built here, so their size comes from the options.
     with memory_guard(f"for surgery on {loaded.name} (example inputs and grafted modules)",
-                      _size_hint(source, settings)):
+                      _size_fix_text(source, settings)):
         return backend.apply(loaded.model, rule, example_inputs=loaded.example_inputs, dry_run=dry_run)
 
 
@@ -286,7 +286,7 @@ def _base_needed(opts: ApplyOptions, source: ModelSource, base: BaseFile | None)
     if opts.validate and base is None and source.builtin and source.size != "tiny":
         raise InputError(f"validating {source.name} at --size {source.size} needs the base model's weights, and "
                          "random ones are made only at --size tiny",
-                         "pass a full checkpoint (base and VACE keys) to --weights, or the base model's checkpoint "
+                         "pass a full checkpoint (base and rule keys) to --weights, or the base model's checkpoint "
                          "to --base-weights; or drop --validate")
 
 
@@ -329,9 +329,9 @@ def run_apply(opts: ApplyOptions, backend: Backend | None = None) -> int:
     """``surgery apply``: rewrite MODEL by rule, optionally load weights, validate, save, load a LoRA and report.
 
     Every option and path is checked before the model is built. The order is the API's,
-    Base -> VACE -> LoRA: the base weights (``--base-weights``, or the base keys of a full
-    checkpoint given to ``--weights``) into the base model, surgery, the VACE weights of
-    ``--weights``, validation and ``--save`` (of the grafted VACE weights), then ``--lora``
+    Base -> rule -> LoRA: the base weights (``--base-weights``, or the base keys of a full
+    checkpoint given to ``--weights``) into the base model, surgery, the rule's weights of
+    ``--weights``, validation and ``--save`` (of the rule's grafted weights), then ``--lora``
     into the rewritten model.
     """
     _check_combinations(opts)
@@ -345,16 +345,16 @@ def run_apply(opts: ApplyOptions, backend: Backend | None = None) -> int:
         check_output_file(opts.save)
     if opts.report:
         check_report(opts.report)
-    base = base_file(opts.weights, opts.base_weights)
     source = resolve_model(opts.model, opts.size)
-    build = build_options(opts.seed, _dtype_name(opts.dtype, source, base), opts.device)
     rule = build_rule(opts.rule, opts.set, source)
+    base = base_file(opts.weights, opts.base_weights, rule)
+    build = build_options(opts.seed, _dtype_name(opts.dtype, source, base), opts.device)
     check_key_map_name(rule, opts.key_map, "--key-map")
     check_key_map_name(rule, opts.lora_key_map, "--lora-key-map")
     backend = backend or engine_backend()
     out = render.console()
     if opts.validate is None:
-        # The main job (`surgery apply longlive`) validates; large sizes and factories opt in.
+        # The main job (`surgery apply MODEL` on a built-in at tiny size) validates; large sizes and factories opt in.
         opts.validate = not opts.dry_run and source.builtin and source.size == "tiny"
     _base_needed(opts, source, base)
     need_values = bool(opts.validate or opts.save or opts.weights or opts.lora)
@@ -485,26 +485,22 @@ def run_models() -> int:
                          "run from the repository root (or install it) so `examples` imports")
     table = Table(title=f"Built-in models ({len(pipelines)})", title_justify="left")
     table.add_column("name", no_wrap=True)
-    for col in ("base", "frames", "window", "sink", "vace layers", "in"):
+    for col in ("base", "frames", "window", "sink"):
         table.add_column(col, no_wrap=True)
-    table.caption = ("frames: latent frames per chunk; window: local_attn_size; sink: sink frames; "
-                     "vace layers / in: VACE defaults at the base size")
+    table.caption = "frames: latent frames per chunk; window: local_attn_size; sink: sink frames"
     broken: list[str] = []
     for name in pipelines:
         try:
             spec = pipelines[name]
         except Exception as exc:  # one broken stand-in must not hide the others
             broken.append(f"{name}: {type(exc).__name__}: {exc}")
-            table.add_row(name, "[red]broken[/]", *["-"] * 5)
+            table.add_row(name, "[red]broken[/]", *["-"] * 3)
             continue
         config = getattr(spec, "config", None)
 
-        def cfg(key: str, default: str = "-") -> str:
+        def cfg(key: str) -> str:
             value = getattr(config, key, None)
-            if isinstance(value, (tuple, list)):
-                items = [str(v) for v in value]
-                return ",".join(items) if len(items) <= 4 else f"{','.join(items[:3])},...,{items[-1]}"
-            return default if value is None else str(value)
+            return "-" if value is None else str(value)
 
         table.add_row(
             name,
@@ -512,8 +508,6 @@ def run_models() -> int:
             cfg("num_frame_per_block"),
             cfg("local_attn_size"),
             cfg("sink_size"),
-            cfg("vace_layers", "0,2,4,..."),
-            cfg("vace_in_dim"),
         )
     out = render.console()
     out.print(table)

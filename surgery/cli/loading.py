@@ -8,7 +8,7 @@ an instance of a built-in model class (its call is known) or say how to call it.
 A built-in model gets random weights only at ``--size tiny``. Otherwise it is built on the
 ``meta`` device (no initialisation runs, nothing is allocated) and then either traced as it
 is, given its base weights from a checkpoint (assigned, never copied twice), or, where only
-storage matters (saving the grafted branch, loading VACE weights), given zero pages that
+storage matters (saving the grafted branch, loading the rule's weights), given zero pages that
 cost no memory until written: surgery itself never reads the base model's values.
 
 ``--dtype``/``--device`` build a built-in model in that dtype on that device (its example
@@ -329,7 +329,7 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not _KEY.match(key):
-            raise InputError(f"bad --set {item!r}", "write --set KEY=VALUE, e.g. --set vace_layers=[0,2]")
+            raise InputError(f"bad --set {item!r}", "write --set KEY=VALUE, e.g. --set layers=[0,2]")
         try:
             value: Any = ast.literal_eval(raw.strip())
         except (ValueError, SyntaxError):
@@ -358,7 +358,7 @@ def build_rule(name: str, settings: Sequence[str], loaded: LoadedModel | ModelSo
     """Build rule ``name`` from ``--set`` items.
 
     For a built-in model built at its pipeline's real size (``config.base_model``), any rule
-    option the pipeline's config also names (``vace_in_dim``, ``vace_layers``) defaults to
+    option the pipeline's config also names (e.g. ``vace_in_dim``, ``vace_layers``) defaults to
     the pipeline's value, because those values describe the real checkpoint (a 40-layer
     layer list does not fit a 4-layer tiny build). ``--set`` always wins.
     """

@@ -114,22 +114,22 @@ def _model_and_rule(parser: argparse.ArgumentParser) -> None:
     default = default_rule()
     parser.add_argument("--rule", default=default, choices=_rule_names(), help=f"rule to apply (default: {default})")
     parser.add_argument("--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
-                        help="rule option as a Python literal, e.g. --set vace_layers=[0,2]; repeatable")
+                        help="rule option as a Python literal, e.g. --set layers=[0,2] (see `surgery rules`); repeatable")
 
 
 def _weights_and_lora(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", metavar="PATH",
-                        help="load the grafted branch's weights (safetensors file, index or directory); a full "
-                             "checkpoint (base and VACE keys) loads the base model's weights too")
+                        help="load the weights of the --rule's grafted modules (safetensors file, index or "
+                             "directory); a full checkpoint (base and rule keys) loads the base model's weights too")
     parser.add_argument("--base-weights", metavar="PATH",
                         help="load the base model's weights from PATH before surgery (when --weights holds only "
-                             "the grafted branch)")
+                             "the rule's weights)")
     parser.add_argument("--key-map", metavar="NAME",
                         help="rename the --weights (and --base-weights) keys with the rule's key map NAME, e.g. "
                              "diffusers (see `surgery rules`)")
     parser.add_argument("--lora", metavar="FILE",
                         help="load a LoRA safetensors file into the rewritten model, after --weights "
-                             "(Base -> VACE -> LoRA), after validation and --save")
+                             "(Base -> rule -> LoRA), after validation and --save")
     parser.add_argument("--lora-scale", type=parse_finite, metavar="S",
                         help="scale of the --lora adapter (default: 1.0)")
     parser.add_argument("--lora-key-map", metavar="NAME", help="rename the --lora keys with the rule's key map NAME")

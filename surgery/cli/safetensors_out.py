@@ -2,8 +2,8 @@
 
 ``safetensors.torch.save`` builds the whole file as one ``bytes`` object (and ``save_file``
 turns every tensor into ``bytes`` first), and writing those bytes atomically copied them once
-more: saving the 2.9 GB VACE branch of a 1.3B model held two or three extra copies of it in
-memory. Here the header is computed from shapes and dtypes alone, and each tensor's bytes go
+more: saving a grafted branch of 2.9 GB (e.g. the VACE branch of a 1.3B model) held two or
+three extra copies of it in memory. Here the header is computed from shapes and dtypes alone, and each tensor's bytes go
 to the file from a zero-copy view of its storage (a tensor on another device is copied to
 the CPU one at a time). Untouched zero pages of a freshly grafted branch are read as the
 kernel's shared zero page, so saving them commits no memory either. The file is staged next

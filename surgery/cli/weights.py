@@ -1,9 +1,9 @@
 """``--base-weights``, ``--weights``/``--key-map`` and ``--lora``/``--lora-scale``/``--lora-key-map``: files into the model.
 
 The base model's weights come from ``--base-weights`` or from a full checkpoint given to
-``--weights`` (base and VACE keys in one file); which one is decided from the headers before
-any work (:func:`base_file`), and they load into the base model before surgery
-(:func:`load_base`): Base -> VACE -> LoRA.
+``--weights`` (base keys and the keys of the ``--rule``'s grafted modules in one file); which
+one is decided from the headers before any work (:func:`base_file`), and they load into the
+base model before surgery (:func:`load_base`): Base -> rule -> LoRA.
 
 A key map is named on the command line (``--key-map diffusers``) and looked up in the
 rule's ``key_maps``; a rule that adapts to the model's family (``Rule.bind``) may offer
@@ -69,24 +69,30 @@ def key_map(rule: Any, name: str | None) -> Any:
     return maps[name]
 
 
-def _vace_fits(module: nn.Module, names: list[str], table: Any) -> bool:
-    from surgery.weights import DEFAULT_STRIP_PREFIXES, DEFAULT_VACE_PREFIXES
+def _prefixes(rule: Any) -> tuple[str, ...]:
+    """The state_dict prefixes of the rule's grafted modules (``Rule.weight_prefixes``)."""
+    return tuple(getattr(rule, "weight_prefixes", None) or ())
+
+
+def _rule_fits(module: nn.Module, names: list[str], table: Any, rule: Any) -> bool:
+    from surgery.weights import DEFAULT_STRIP_PREFIXES
     from surgery.weights.keys import select_keys
 
-    wanted = {k for k in module.state_dict() if k.startswith(DEFAULT_VACE_PREFIXES)}
-    selection = select_keys(names, strip_prefixes=DEFAULT_STRIP_PREFIXES, key_map=table,
-                            keep_prefixes=DEFAULT_VACE_PREFIXES)
+    prefixes = _prefixes(rule)
+    wanted = {k for k in module.state_dict() if prefixes and k.startswith(prefixes)}
+    selection = select_keys(names, strip_prefixes=DEFAULT_STRIP_PREFIXES, key_map=table, keep_prefixes=prefixes)
     return bool(wanted) and set(selection.selected) == wanted
 
 
-def _base_fits(module: nn.Module, names: list[str], table: Any) -> bool:
-    from surgery.weights import DEFAULT_VACE_PREFIXES, base_keys
+def _base_fits(module: nn.Module, names: list[str], table: Any, rule: Any) -> bool:
+    from surgery.weights import base_keys
 
-    wanted = {k for k in module.state_dict() if not k.startswith(DEFAULT_VACE_PREFIXES)}
-    return bool(wanted) and set(base_keys(names, key_map=table)) == wanted
+    prefixes = _prefixes(rule)
+    wanted = {k for k in module.state_dict() if not (prefixes and k.startswith(prefixes))}
+    return bool(wanted) and set(base_keys(names, key_map=table, rule_prefixes=prefixes)) == wanted
 
 
-def _lora_fits(module: nn.Module, names: list[str], table: Any) -> bool:
+def _lora_fits(module: nn.Module, names: list[str], table: Any, rule: Any) -> bool:
     from surgery.lora import parse_lora_keys, rule_schemes
 
     parsed = parse_lora_keys(names, key_map=table, schemes=rule_schemes(module))
@@ -101,7 +107,7 @@ def _for_the_command_line(error: WeightsError, rule: Any, module: nn.Module, pat
         return error
     try:
         names = sorted(resolve_checkpoint(path))
-        fitting = [n for n, table in (rule.key_maps or {}).items() if fits(module, names, table)]
+        fitting = [n for n, table in (rule.key_maps or {}).items() if fits(module, names, table, rule)]
     except WeightsError:  # a map that makes keys collide is no candidate
         fitting = []
     if fitting:
@@ -116,17 +122,15 @@ def _for_the_command_line(error: WeightsError, rule: Any, module: nn.Module, pat
 
 def load_weights(module: nn.Module, path: str, rule: Any, map_name: str | None) -> Any:
     """``load_rule_weights`` of the rule that rewrote ``module`` (the ``--rule`` given), with the named key
-    map and the rule's ``vace_in_dim`` (if it has one) as the expected input width."""
+    map: the rule's prefixes and its own checks of the file (``Rule.check_weights``)."""
     from surgery.weights import load_rule_weights
 
-    options = dict(getattr(rule, "options", None) or {})
     try:
-        return load_rule_weights(module, path, key_map=key_map(rule, map_name),
-                                 expect_vace_in_dim=options.get("vace_in_dim"))
+        return load_rule_weights(module, path, key_map=key_map(rule, map_name))
     except WeightsError as error:
         if map_name is not None:
             raise
-        raise _for_the_command_line(error, rule, module, path, "--key-map", _vace_fits) from error
+        raise _for_the_command_line(error, rule, module, path, "--key-map", _rule_fits) from error
 
 
 @dataclass(frozen=True)
@@ -139,31 +143,36 @@ class BaseFile:
     dtype: torch.dtype | None  # the dtype all of them are stored in (float32, bfloat16, float16), else None
 
 
-def base_file(weights: str | None, base_weights: str | None) -> BaseFile | None:
-    """``--base-weights``, or ``--weights`` when it is a full checkpoint (base keys besides VACE ones), or ``None``.
+def base_file(weights: str | None, base_weights: str | None, rule: Any) -> BaseFile | None:
+    """``--base-weights``, or ``--weights`` when it is a full checkpoint (base keys besides the rule's), or ``None``.
 
-    Read from headers without a key map: the rule's maps rename keys inside a layer, never the
-    VACE branch's prefixes, so the base keys are the same before and after mapping. Refuses a
+    The rule's keys are those under its ``weight_prefixes``; a rule without them has no keys to
+    tell apart, so its ``--weights`` is never taken for a full checkpoint. Read from headers
+    without a key map: a rule's maps rename keys inside a layer, never its grafted modules'
+    prefixes, so the base keys are the same before and after mapping. Refuses a
     ``--base-weights`` file without base keys, and two files that both hold a base.
     """
     from surgery.weights import base_dtype, base_keys, resolve_checkpoint
 
+    rule_prefixes, rule_keys = _prefixes(rule), f"rule {getattr(rule, 'name', '?')}'s keys"
+
     def base_of(path: str) -> list[Any]:
         entries = resolve_checkpoint(path)
-        return [entries[name] for name in base_keys(entries).values()]
+        return [entries[name] for name in base_keys(entries, rule_prefixes=rule_prefixes).values()]
 
-    full = base_of(weights) if weights else []
+    full = base_of(weights) if weights and rule_prefixes else []
     if base_weights is None:
         return BaseFile(weights, "--weights", len(full), base_dtype(full)) if weights and full else None
     base = base_of(base_weights)
     if not base:
-        raise WeightsError(f"--base-weights {base_weights} holds no base-model weights, only VACE keys",
+        raise WeightsError(f"--base-weights {base_weights} holds no base-model weights, only {rule_keys} "
+                           f"({', '.join(rule_prefixes)})",
                            "pass the base model's checkpoint to --base-weights, and this file to --weights")
     if full:
-        raise InputError(f"--weights {weights} is a full checkpoint ({len(full)} base tensors besides its VACE keys) "
+        raise InputError(f"--weights {weights} is a full checkpoint ({len(full)} base tensors besides {rule_keys}) "
                          f"and --base-weights {base_weights} holds a base too",
-                         "drop --base-weights to load base and VACE from --weights, or pass a VACE-only file to "
-                         "--weights")
+                         "drop --base-weights to load the base and the rule's weights from --weights, or pass a file "
+                         "of the rule's weights alone to --weights")
     return BaseFile(base_weights, "--base-weights", len(base), base_dtype(base))
 
 
@@ -182,22 +191,19 @@ def load_base(module: nn.Module, path: str, rule: Any, map_name: str | None) -> 
 
     rule = bound_rule(rule, module)
     try:
-        return load_base_weights(module, path, key_map=key_map(rule, map_name))
+        return load_base_weights(module, path, key_map=key_map(rule, map_name), rule_prefixes=_prefixes(rule))
     except WeightsError as error:
         if map_name is not None:
             raise
         raise _for_the_command_line(error, rule, module, path, "--key-map", _base_fits) from error
 
 
-#: The load report's rows that describe a VACE load, relabelled (or dropped) for a base load.
-_BASE_LABELS = {"tensors ignored (non-VACE)": "tensors left for the VACE branch", "vace_in_dim": None,
-                "VACE blocks": None}
-
-
 def base_rows(report: Any) -> list[tuple[str, str]]:
-    """The rows of a base load's report for the CLI table."""
-    rows = [(_BASE_LABELS.get(label, label), value) for label, value in report.as_rows()]
-    return [(label, value) for label, value in rows if label is not None]
+    """The rows of a base load's report for the CLI table: the tensors it left are the rule's."""
+    from surgery.weights.report import IGNORED_LABEL
+
+    return [("tensors left for the rule's weights" if label == IGNORED_LABEL else label, value)
+            for label, value in report.as_rows()]
 
 
 def load_lora(module: nn.Module, path: str, rule: Any, scale: float, map_name: str | None) -> Any:

@@ -1,8 +1,8 @@
 """A module's constructor settings, read back from the module: never a silent default.
 
 A grafted unit is a fresh instance of a matched module's class, so every argument of that
-class's ``__init__`` must be known. Families keep them differently: the Wan family stores
-each one as an attribute of the block; diffusers' blocks store none, but the model's
+class's ``__init__`` must be known. Families keep them differently: one (e.g. the Wan family)
+stores each one as an attribute of the block; diffusers' blocks store none, but the model's
 ``config`` holds some and the block's structure implies the rest (``dim`` is the width of
 its projections). Three sources, tried in this order:
 

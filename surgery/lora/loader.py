@@ -2,11 +2,11 @@
 
 The adapter is injected in place with ``peft.inject_adapter_in_model`` using the exact
 module names found in the file (a ``re.fullmatch`` alternation, so ``blocks.0.self_attn.q``
-can never also hit ``vace_blocks.0.self_attn.q``), then the stored A/B matrices are
+can never also hit a grafted ``x_blocks.0.self_attn.q``), then the stored A/B matrices are
 copied into the fresh PEFT layers unchanged. ``alpha`` is kept as PEFT's ``lora_alpha``
 (scaling = scale * alpha / rank), so ``layer.set_scale(adapter, s)`` still works later.
 
-Loading is all or nothing, like the VACE weights loader: the arguments and the whole file
+Loading is all or nothing, like the rule weights loader: the arguments and the whole file
 are checked first (:mod:`surgery.lora.plan`), and if the injection itself fails or is
 interrupted half-way, every module is put back as it was (:mod:`surgery.lora.transaction`),
 so the same call can simply be retried.
@@ -84,8 +84,8 @@ def load_lora_file(
     with or without a ``diffusion_model.``/``model.diffusion_model.``/``base_model.model.``/
     ``transformer.`` prefix; targets at the model's module paths; and the naming schemes of
     the rule that rewrote ``module`` (``Rule.lora_schemes``, e.g. VACE's ``blocks.N.vace.*``),
-    or ``schemes`` when given. ``key_map`` renames other layouts (e.g.
-    ``rules.vace.DIFFUSERS_TO_NATIVE``).
+    or ``schemes`` when given. ``key_map`` renames other layouts (one of the rule's
+    ``key_maps``, e.g. ``rules.vace.DIFFUSERS_TO_NATIVE``).
 
     Returns a report whose ``model`` is ``module`` itself (PEFT layers injected in place,
     not a ``PeftModel``). The new adapter is made active next to any adapters already

@@ -16,7 +16,7 @@ from surgery.errors import OrderError
 
 
 def build_order(*rule_names: str) -> str:
-    """The build order naming the rules: ``Base -> vace -> LoRA`` (``Base -> surgery -> LoRA`` for none)."""
+    """The build order naming the rules, e.g. ``Base -> vace -> LoRA`` (``Base -> surgery -> LoRA`` for none)."""
     return " -> ".join(("Base", *(rule_names or ("surgery",)), "LoRA"))
 
 

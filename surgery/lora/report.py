@@ -29,7 +29,7 @@ class LoraLoadReport:
 
     @property
     def groups(self) -> dict[str, int]:
-        """Targets per numbered module list (``{"blocks": 3, "vace_blocks": 3}``), in first-seen order;
+        """Targets per numbered module list (e.g. ``{"blocks": 3, "vace_blocks": 3}``), in first-seen order;
         targets outside one count under ``"other"``."""
         counts: dict[str, int] = {}
         for target in self.targets:

@@ -1,9 +1,11 @@
 """Target selection for the built-in ("module targeted") LoRA strategy.
 
 Upstream selects every ``nn.Linear`` inside modules whose *class name* is one of the
-main attention-block classes, which skips the VACE blocks only because their class has
-another name. Here the same set is found structurally: the children of the ``blocks``
-``ModuleList`` are the main attention blocks, and ``vace_blocks`` is a different list.
+main attention-block classes, which skips grafted blocks (e.g. VACE's) only because their
+class has another name. Here the same set is found structurally: the children of the
+``blocks`` ``ModuleList`` are the main attention blocks; a grafted list has another name,
+and a ``blocks`` list inside the modules a rule grafted (its ``weight_prefixes``) is not the
+model's own.
 (In an fx ``GraphModule`` the same path is a plain container of ``"0"``, ``"1"``, ...;
 it is accepted too.)
 """
@@ -17,21 +19,27 @@ from surgery.lora.order import peft_imported
 BLOCKS_NAME = "blocks"
 
 
-def _is_block_list(name: str, child: nn.Module) -> bool:
-    """A container named ``blocks`` whose children are indexed ``0..n-1``.
+def _grafted_prefixes(module: nn.Module) -> tuple[str, ...]:
+    """The state_dict prefixes of the modules grafted by the rule that rewrote ``module`` (none for a base model)."""
+    rule = getattr(module.__dict__.get("_surgery"), "rule", None)
+    return tuple(getattr(rule, "weight_prefixes", None) or ())
+
+
+def _is_block_list(name: str, child: nn.Module, grafted: tuple[str, ...] = ()) -> bool:
+    """A container named ``blocks`` whose children are indexed ``0..n-1``, outside the ``grafted`` modules.
 
     Usually an ``nn.ModuleList``; after ``torch.fx`` tracing the same path is a plain
     ``nn.Module`` holding ``"0"``, ``"1"``, ... so the structure, not the type, decides.
     """
-    parts = name.split(".")
-    if parts[-1] != BLOCKS_NAME or any(p.startswith("vace_") for p in parts):
+    if name.split(".")[-1] != BLOCKS_NAME or (grafted and f"{name}.".startswith(grafted)):
         return False
     names = [n for n, _ in child.named_children()]
     return bool(names) and sorted(names, key=lambda n: (len(n), n)) == [str(i) for i in range(len(names))]
 
 
 def _main_block_lists(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    found = [(n, c) for n, c in module.named_modules() if _is_block_list(n, c)]  # aliases de-duplicated
+    grafted = _grafted_prefixes(module)
+    found = [(n, c) for n, c in module.named_modules() if _is_block_list(n, c, grafted)]  # aliases de-duplicated
     # A nested "blocks" list inside a main block would be found again under it; keep the outermost.
     return [(n, c) for n, c in found if not any(n.startswith(o + ".") for o, _ in found if o != n)]
 
@@ -45,7 +53,7 @@ def _is_tuner_layer(module: nn.Module) -> bool:
 
 
 def module_targeted_targets(module: nn.Module) -> list[str]:
-    """Every ``nn.Linear`` inside the main attention blocks ``blocks.N``; none in ``vace_blocks``.
+    """Every ``nn.Linear`` inside the main attention blocks ``blocks.N``; none in grafted blocks.
 
     Returns fully qualified module names in module order, e.g. ``blocks.0.self_attn.q`` ...
     ``blocks.0.ffn.2``, suitable as exact PEFT targets.

@@ -25,7 +25,7 @@ class Match:
     index: int | None = None
 
     def __setstate__(self, state: dict) -> None:
-        # Models pickled before the field was renamed carry ``hint_index``.
+        # Models pickled before the field was renamed carry it under its schema-1 name.
         if "hint_index" in state:
             state = {**state, "index": state.pop("hint_index")}
         self.__dict__.update(state)

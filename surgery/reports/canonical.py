@@ -9,16 +9,17 @@ object ids:
 - ``%attr:freqs``          ``get_attr freqs``
 - ``%blocks.0.ffn.0``      ``call_module blocks.0.ffn.0`` (ModuleList indices kept)
 - ``%blocks.0/add``        a ``call_function``/``call_method`` inside module ``blocks.0``
-- ``%@vace.inject.0/add``  a node that surgery inserted outside any module (rule, role, index)
+- ``%@<rule>.inject.0/add`` a node that surgery inserted outside any module (rule, role,
+  index), e.g. ``%@vace.inject.0/add``
 - ``%out``                 the output node
 
 A base name that occurs again gets ``#k`` (``%blocks.0/add#1``), counted in graph order.
 Because counters are per scope, inserting one op into ``blocks.3`` leaves every name
 outside ``blocks.3`` untouched, which keeps before/after diffs local to the change.
 
-One line per node::
+One line per node; a node that a rule inserted ends in ``# <rule>:<role>``, e.g. ``# vace:inject``::
 
-    %blocks.0/add = call_function operator.add(%blocks.0.l, 1) :: float32[1,8,64]  # vace:inject
+    %blocks.0/add = call_function operator.add(%blocks.0.l, 1) :: float32[1,8,64]  # <rule>:inject
 """
 from __future__ import annotations
 

@@ -5,9 +5,9 @@ code sits. :func:`overview` condenses the rewritten ``torch.fx`` graph into
 
 - the **main chain**: what embeds the residual stream (``patch_embedding``), the matched blocks
   in order, runs of blocks without an injection collapsed into one box (``blocks.1-2``),
-  every injection point right after its block (``+ hint 1``), and what reads the final
-  stream (``head``) up to the output;
-- the **inserted branch**: one box per grafted module (``vace_blocks.0``), with the graph
+  every injection point right after its block (``+ <rule> 1``: the rule and the action's
+  index, e.g. ``+ vace 1``), and what reads the final stream (``head``) up to the output;
+- the **inserted branch**: one box per grafted module (e.g. ``vace_blocks.0``), with the graph
   inputs and main-chain values that feed it (the stream entering the first block gets a box
   of its own when the branch reads it) and the injection points it feeds.
 
@@ -35,7 +35,7 @@ from surgery.reports.canonical import module_scope
 
 #: More injection points than this: the ones between the first two and the last two share one box.
 MAX_POINTS = 16
-#: More branch boxes than this: numbered siblings (``vace_blocks.0`` .. ``.39``) share one box.
+#: More branch boxes than this: numbered siblings (``x_blocks.0`` .. ``.39``) share one box.
 MAX_GROUPS = 16
 
 Edge = tuple[str, str]
@@ -128,7 +128,7 @@ def _numbered(path: str) -> tuple[str, int] | None:
 
 
 def _group_path(scope: str) -> str:
-    """``vace_blocks.0.ffn.2`` -> ``vace_blocks.0``; ``head.norm`` -> ``head``."""
+    """``blocks.0.ffn.2`` -> ``blocks.0``; ``head.norm`` -> ``head``."""
     parts = scope.split(".")
     return ".".join(parts[:2]) if len(parts) >= 2 and parts[1].isdigit() else parts[0]
 
@@ -395,13 +395,13 @@ def _splice_value(edges: dict[Edge, None], first_item: str | None) -> None:
 
 
 def _inject_lines(c: _Condensed, keys: list[str], reads: list[str]) -> list[str]:
-    """``+ hint 0`` (the action's index), ``+ adapters.3`` (modules it calls), else ``+ <rule>``."""
+    """``+ <rule> 0`` (the rule and its action's index), ``+ adapters.3`` (modules it calls), else ``+ <rule>``."""
     labels = []
     for key in keys:
         group = c.injects[key]
         info = _info(group[0]) or {}
         modules = list(dict.fromkeys(_group_path(s) for n in group if (s := module_scope(n))))
-        parts = ([f"hint {info['index']}"] if info.get("index") is not None else []) + modules
+        parts = ([f"{info.get('rule')} {info['index']}"] if info.get("index") is not None else []) + modules
         labels.append("+ " + (", ".join(parts) or str(info.get("rule"))))
     lines = [labels[0] if len(labels) == 1 else f"{labels[0]} .. {labels[-1]}"]
     return lines + ([f"with {', '.join(dict.fromkeys(reads))}"] if reads else [])

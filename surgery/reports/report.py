@@ -220,7 +220,7 @@ def _composed(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 
 def _rule_title(report: Mapping[str, Any]) -> str:
-    """The rule's name, or the composed rules' names in order (``vace + ffn-adapter``)."""
+    """The rule's name, or the composed rules' names in order (e.g. ``vace + ffn-adapter``)."""
     composed = _composed(report)
     return " + ".join(r["name"] for r in composed) if composed else str(report["rule"])
 
@@ -279,7 +279,7 @@ def _lora_markdown(lora: Mapping[str, Any] | None) -> list[str]:
 
 
 def _match_index(match: Mapping[str, Any]) -> int | None:
-    """A match's ``index``; reports of schema 1 called it ``hint_index``."""
+    """A match's ``index``; reports of schema 1 give it under its old name."""
     return match["index"] if "index" in match else match.get("hint_index")
 
 

@@ -61,7 +61,7 @@ def find_instances(graph: fx.Graph, calls: Sequence[ModuleCall],
                 by_shape.setdefault(inst.shape, []).append(inst)
         for same in by_shape.values():  # e.g. the blocks with an injection after them, and the others
             if len(same) >= 2:
-                # One function returns what any instance's caller reads (the last VACE block's
+                # One function returns what any instance's caller reads (the last such block's
                 # stream feeds no further block, the others' do).
                 used = sorted({inst.body.index(out) for inst in same for out in inst.outputs})
                 for inst in same:
@@ -123,8 +123,8 @@ def _instance(call: ModuleCall, nodes: list[fx.Node], position: dict[fx.Node, in
 
 def _rule_code_after(body: list[fx.Node], nodes: list[fx.Node], position: dict[fx.Node, int],
                      taken: set[fx.Node], owned: set[fx.Node], prefix: str) -> list[fx.Node]:
-    """The rule's nodes right after ``body`` that compute from its results (an injection
-    ``x + hint * scale`` after a block, the output projection of a VACE block).
+    """The rule's nodes right after ``body`` that compute from its results (an injection after
+    a block, the output projection of a grafted block; e.g. VACE's ``x + hint * scale``).
 
     Moved into the call, they leave no tensor work between consecutive calls in the
     generated forward: with ``torch.compile``, a call whose code graph-breaks splits the

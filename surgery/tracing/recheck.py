@@ -198,7 +198,7 @@ class _Step:
 
     def run_once(self, env: dict, inputs: dict[str, Any], twin: nn.Module, results: dict[tuple, Any]) -> Any:
         """``run``, or the result of an earlier step with the same op on the same metadata
-        (the thirty injections ``x + hint * scale`` of one resolution are one computation)."""
+        (e.g. the thirty injections ``x + hint * scale`` of one resolution are one computation)."""
         if not self.memoisable:
             return self.run(env, inputs, twin)
         try:

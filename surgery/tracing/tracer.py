@@ -1,7 +1,7 @@
 """Example-guided tracing: symbolic fx tracing with a concrete value beside every proxy.
 
-Plain ``symbolic_trace`` fails on the streaming Wan models (``*args`` dispatch, loops over
-inputs, ``.tolist()``, asserts, caches in lists of dicts). This tracer runs the model's
+Plain ``symbolic_trace`` fails on streaming models, e.g. the Wan family (``*args`` dispatch,
+loops over inputs, ``.tolist()``, asserts, caches in lists of dicts). This tracer runs the model's
 real entry point on example inputs and records an fx graph at the same time:
 
 * every :class:`ConcreteProxy` carries the value the example produced, computed on a

@@ -8,9 +8,9 @@ Case names (``<rule>`` is the rule's name, e.g. ``vace``):
 * ``<rule>-on``: with a control input per chunk it equals the reference, over a stream of
   at least three chunks at two resolutions (and the control input must change the output,
   or the comparison could not see a broken branch);
-* ``scales``: the same at other control scales (0, and one value per hinted layer);
-* ``multi-context``: two control inputs at once (ComfyUI's stacked VACE inputs), the first at
-  scale 1 and the second at one value per hinted layer; the second must change the output;
+* ``scales``: the same at other control scales (0, and one value per layer the rule acts on);
+* ``multi-context``: two control inputs at once (e.g. ComfyUI's stacked VACE inputs), the first
+  at scale 1 and the second at one value per acted-on layer; the second must change the output;
 * ``lora``: PEFT LoRA after surgery: the same ``LoraConfig`` applied to the rewritten model
   and to the reference, identical adapter weights copied by native name, compared over a
   stream (and the adapters must change the output).
@@ -230,7 +230,8 @@ class Session:
         return Scenario(tuple(self.harness.resolutions[index]), control=control, scale=_frozen(scale),
                         contexts=contexts)
 
-    def hinted_layers(self) -> int:
+    def acted_on_layers(self) -> int:
+        """How many matches the rule numbers (``Match.index``): the layers a per-layer scale covers."""
         return len({m.index for m in self.result.matches if m.index is not None})
 
     # ----- numeric verdicts -------------------------------------------------------------
@@ -328,9 +329,9 @@ def on_case(session: Session, name: str) -> CaseResult:
 
 
 def default_scales(layers: int) -> list[Any]:
-    """0 (branch silenced) and one value per hinted layer: 0.5, 0 (that layer silenced), 0.75, 1.0, ...
+    """0 (branch silenced) and one value per acted-on layer: 0.5, 0 (that layer silenced), 0.75, 1.0, ...
 
-    A plain 1.0 is already the ``<rule>-on`` case; with a single hinted layer the second
+    A plain 1.0 is already the ``<rule>-on`` case; with a single acted-on layer the second
     scale is 0.5.
     """
     per_layer = tuple(0.5 if k == 0 else 0.0 if k == 1 else 0.25 * (k + 1) for k in range(layers))
@@ -338,7 +339,7 @@ def default_scales(layers: int) -> list[Any]:
 
 
 def scales_case(session: Session) -> CaseResult:
-    layers = session.hinted_layers()
+    layers = session.acted_on_layers()
     scales = session.harness.scales(layers) if session.harness.scales else default_scales(layers)
     pairs = []
     for scale in scales:
@@ -350,7 +351,7 @@ def scales_case(session: Session) -> CaseResult:
 def multi_context_case(session: Session) -> CaseResult:
     """Two control inputs in one call, each with its own scale, against the reference; the
     second must move the output away from the one-context run, or a dropped one would pass."""
-    second = tuple(0.5 * (k + 1) for k in range(session.hinted_layers()))
+    second = tuple(0.5 * (k + 1) for k in range(session.acted_on_layers()))
     sc = session.scenario(0, control=True, scale=(1.0, second), contexts=2)
     ours = session.run("rewritten", sc)
     effect = session.effect(ours, session.run("rewritten", session.scenario(0, control=True)))

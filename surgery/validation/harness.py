@@ -29,8 +29,8 @@ class Scenario:
     """One streaming run.
 
     ``resolution`` is ``(height, width)`` in the driver's units; ``control`` says whether the
-    rule's control input (for VACE: a ``vace_context`` per chunk) is passed, at ``scale``
-    (a number or one value per hinted layer); ``contexts`` > 1 passes that many control
+    rule's control input (e.g. VACE's ``vace_context`` per chunk) is passed, at ``scale``
+    (a number or one value per layer the rule acts on); ``contexts`` > 1 passes that many control
     inputs at once, the first the same as with one, ``scale`` then holding one entry per
     context; ``seed`` fixes the driver's random inputs.
     """
@@ -67,7 +67,7 @@ class Harness:
         compare: labelled per-call max abs differences of two records (outputs and caches).
         resolutions: at least two ``(height, width)``; the first is the example's.
         chunks: streaming chunks per run (at least 3), for the report.
-        scales: scales to check given the number of hinted layers (default: 0, 0.5 and a
+        scales: scales to check given the number of acted-on layers (default: 0, 0.5 and a
             distinct value per layer).
         lora_targets: native module names PEFT wraps (default: every ``nn.Linear``).
         random_weights: seeded non-zero values for the grafted tensors, used when the

@@ -12,7 +12,7 @@ adaptations, both because the reference is ordinary wrapper Python, not a traced
   the same reason; each element read is a ``getitem`` node either way.
 
 One fix over the engine's tracer (reported upstream): a wrapper that registers the same
-blocks under two paths (``causal_wan_model.blocks`` and the alias ``blocks``) would get
+blocks under two paths (e.g. ``causal_wan_model.blocks`` and the alias ``blocks``) would get
 modules named by their first path and parameters by their last, so a block replayed from
 another block's template would read the template's parameters. Here both use the first.
 """
@@ -31,7 +31,7 @@ from ..tracing.twin import fake_inputs, fake_twin, new_fake_mode
 class ConsistentNamesTracer(ExampleTracer):
     """The engine's tracer, with one parameter name per tensor when a module has two paths.
 
-    A wrapper may register the same submodule twice (``causal_wan_model.blocks`` and the
+    A wrapper may register the same submodule twice (e.g. ``causal_wan_model.blocks`` and the
     alias ``blocks``). ``ExampleTracer`` names modules by their first path and parameters by
     their last, so a replayed block would read its template's parameters; here both use the
     first path, as ``named_modules`` does.

@@ -59,8 +59,8 @@ def _tensor(t: torch.Tensor) -> str:
 
 
 def _class_ok(a: type, b: type) -> bool:
-    # Generated subclasses (the rewritten root, a wrapper's hint-adding block) keep the
-    # base class in their MRO; one side's class must be the other's or derive from it.
+    # Generated subclasses (the rewritten root, a wrapper's block that adds the rule's output)
+    # keep the base class in their MRO; one side's class must be the other's or derive from it.
     return issubclass(a, b) or issubclass(b, a)
 
 

@@ -22,7 +22,7 @@ hardware may legitimately pick different kernels for the two sides:
   CPU; float64 ``1e-12`` (far below any real bug, above reduction-order noise).
 
 Devices not listed (``mps``, ``xpu``, ...) use the CUDA row: they share its reasons
-(vendor kernels chosen by heuristics). A real bug (a wrong weight, scale, slice or hint)
+(vendor kernels chosen by heuristics). A real bug (a wrong weight, scale, slice or added term)
 moves outputs by far more than any of these bounds.
 """
 from __future__ import annotations

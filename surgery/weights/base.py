@@ -1,16 +1,17 @@
-"""Load a base model's weights (every key outside the VACE branch) from safetensors.
+"""Load a base model's weights (every key outside a rule's grafted modules) from safetensors.
 
-A full VACE checkpoint (Wan2.1-VACE-1.3B style: ``blocks.*``, ``patch_embedding.*``, ...,
-``head.*`` plus ``vace_blocks.*`` and ``vace_patch_embedding.*``) holds the base model and
-the VACE branch in one file. Its base loads into the model *before* surgery (the order is
-Base -> VACE -> LoRA), its VACE keys after surgery through :func:`load_vace_weights`.
+A full checkpoint holds the base model and a rule's grafted modules in one file: ``blocks.*``,
+..., ``head.*`` plus the keys under the rule's ``weight_prefixes`` (e.g. a VACE model's).
+Its base loads into the model *before* surgery (the order is Base -> rules -> LoRA), the
+rule's keys after surgery through :func:`~surgery.weights.load_rule_weights`.
 
-The base load is :func:`load_vace_weights` restricted to the base keys, so it has every one
-of its guarantees (regular files only, confined shards, floating-point tensors only, values
-checked after conversion, private copies unless ``mmap=True``, all or nothing). What this
-module adds is the fit of the *whole* base: every base parameter must be in the file and
-every non-VACE key of the file must be a base parameter, checked from the headers before
-any tensor is read. A model built on ``meta`` loads here without ever being initialised.
+The base load is :func:`~surgery.weights.loader.load_weights` restricted to the base keys, so
+it has every one of its guarantees (regular files only, confined shards, floating-point
+tensors only, values checked after conversion, private copies unless ``mmap=True``, all or
+nothing). What this module adds is the fit of the *whole* base: every base parameter must be
+in the file and every key of the file outside the rule's prefixes must be a base parameter,
+checked from the headers before any tensor is read. A model built on ``meta`` loads here
+without ever being initialised.
 """
 from __future__ import annotations
 
@@ -23,13 +24,7 @@ from torch import nn
 from surgery.errors import WeightsError
 from surgery.weights.files import FLOAT_CODES, TensorEntry, resolve_checkpoint
 from surgery.weights.keys import KeyMap, select_keys
-from surgery.weights.loader import (
-    DEFAULT_STRIP_PREFIXES,
-    DEFAULT_VACE_PREFIXES,
-    _fit_error,
-    _listing,
-    load_vace_weights,
-)
+from surgery.weights.loader import DEFAULT_STRIP_PREFIXES, _fit_error, _listing, load_weights
 from surgery.weights.report import LoadReport
 
 #: The dtypes a model can be built in; a checkpoint whose base is all one of them sets the model's dtype.
@@ -41,15 +36,17 @@ def base_keys(
     *,
     key_map: KeyMap | None = None,
     strip_prefixes: Sequence[str] = DEFAULT_STRIP_PREFIXES,
-    vace_prefixes: Sequence[str] = DEFAULT_VACE_PREFIXES,
+    rule_prefixes: Sequence[str] = (),
 ) -> dict[str, str]:
-    """The base-model tensors among stored ``names``: model key -> stored name, VACE keys left out.
+    """The base-model tensors among stored ``names``: model key -> stored name, the keys under
+    ``rule_prefixes`` (a rule's ``weight_prefixes``) left out.
 
-    Empty for a VACE-only file. Two stored names that map to the same key are a :class:`WeightsError`.
+    Empty for a file of the rule's weights alone. Two stored names that map to the same key are a
+    :class:`WeightsError`.
     """
     selection = select_keys(names, strip_prefixes=strip_prefixes, key_map=key_map, keep_prefixes=("",))
-    vace = tuple(vace_prefixes)
-    return {key: name for key, name in selection.selected.items() if not key.startswith(vace)}
+    grafted = tuple(rule_prefixes)
+    return {key: name for key, name in selection.selected.items() if not (grafted and key.startswith(grafted))}
 
 
 def base_dtype(entries: Iterable[TensorEntry]) -> torch.dtype | None:
@@ -58,9 +55,9 @@ def base_dtype(entries: Iterable[TensorEntry]) -> torch.dtype | None:
     return MODEL_DTYPES.get(codes.pop()) if len(codes) == 1 else None
 
 
-def _model_base(module: nn.Module, vace_prefixes: Sequence[str]) -> dict[str, torch.Tensor]:
-    vace = tuple(vace_prefixes)
-    return {k: t for k, t in module.state_dict(keep_vars=True).items() if not k.startswith(vace)}
+def _model_base(module: nn.Module, rule_prefixes: Sequence[str]) -> dict[str, torch.Tensor]:
+    grafted = tuple(rule_prefixes)
+    return {k: t for k, t in module.state_dict(keep_vars=True).items() if not (grafted and k.startswith(grafted))}
 
 
 def _check_fit(where: str, model: dict[str, torch.Tensor], base: Mapping[str, TensorEntry]) -> None:
@@ -73,7 +70,7 @@ def _check_fit(where: str, model: dict[str, torch.Tensor], base: Mapping[str, Te
     shapes = [f"{k}: {list(model[k].shape)} vs {list(e.shape)}" for k, e in base.items()
               if k in model and tuple(model[k].shape) != tuple(e.shape)]
     if missing or unexpected or shapes:
-        raise _fit_error(missing, unexpected, shapes, [where], lambda: None, part="base")
+        raise _fit_error(missing, unexpected, shapes, [where], lambda unexpected: None, part="base")
     stored = [f"{e.name} ({e.dtype_name})" for e in base.values() if e.dtype not in FLOAT_CODES]
     if stored:
         raise WeightsError(f"{where}: {len(stored)} base tensors are not floating point ({_listing(stored)}), and "
@@ -87,39 +84,41 @@ def load_base_weights(
     *,
     key_map: KeyMap | None = None,
     strip_prefixes: Sequence[str] = DEFAULT_STRIP_PREFIXES,
-    vace_prefixes: Sequence[str] = DEFAULT_VACE_PREFIXES,
+    rule_prefixes: Sequence[str] = (),
     mmap: bool = False,
 ) -> LoadReport:
-    """Load every parameter and buffer of ``module`` outside the VACE branch from ``path``.
+    """Load every parameter and buffer of ``module`` outside a rule's grafted modules from ``path``.
 
     Args:
-        module: the base model (or a rewritten one: its VACE keys are left alone). Its
-            parameters may live on any device or on ``meta``; a ``meta`` model's weights
-            land on the CPU in its dtypes, without any initialisation having run.
-        path: a base checkpoint or a full one (its VACE keys are counted as ignored), a
-            ``*.safetensors.index.json``, or a directory holding either.
-        key_map, strip_prefixes, vace_prefixes, mmap: as for :func:`load_vace_weights`.
+        module: the base model (or a rewritten one: its keys under ``rule_prefixes`` are left
+            alone). Its parameters may live on any device or on ``meta``; a ``meta`` model's
+            weights land on the CPU in its dtypes, without any initialisation having run.
+        path: a base checkpoint or a full one (its keys under ``rule_prefixes`` are counted
+            as ignored), a ``*.safetensors.index.json``, or a directory holding either.
+        rule_prefixes: the state_dict prefixes of the rule's grafted modules
+            (``Rule.weight_prefixes``), which a full checkpoint holds besides the base.
+        key_map, strip_prefixes, mmap: as for :func:`~surgery.weights.loader.load_weights`.
 
     Raises:
-        WeightsError: the file holds no base keys (a VACE-only file), a base parameter is
-            missing from it, it holds keys the model does not have (outside the VACE
-            branch), a shape differs, a base tensor is not floating point; and every
-            refusal of :func:`load_vace_weights` (unsafe files, NaN/Inf, overflow, a file
-            changed while read). On any error the module is unchanged.
+        WeightsError: the file holds no base keys (only the rule's), a base parameter is
+            missing from it, it holds keys the model does not have (outside
+            ``rule_prefixes``), a shape differs, a base tensor is not floating point; and
+            every refusal of :func:`~surgery.weights.loader.load_weights` (unsafe files,
+            NaN/Inf, overflow, a file changed while read). On any error the module is unchanged.
     """
     entries = resolve_checkpoint(path)
-    stored = base_keys(entries, key_map=key_map, strip_prefixes=strip_prefixes, vace_prefixes=vace_prefixes)
+    stored = base_keys(entries, key_map=key_map, strip_prefixes=strip_prefixes, rule_prefixes=rule_prefixes)
     base = {key: entries[name] for key, name in stored.items()}
     where = ", ".join(sorted({str(e.file) for e in (base or entries).values()}))
     if not base:
-        raise WeightsError(f"{where} holds no base-model weights, only VACE keys ({', '.join(vace_prefixes)})",
-                           "load it with load_vace_weights after surgery, and the base model's checkpoint here")
-    model = _model_base(module, vace_prefixes)
+        raise WeightsError(f"{where} holds no base-model weights, only the rule's ({', '.join(rule_prefixes)})",
+                           "load it with load_rule_weights after surgery, and the base model's checkpoint here")
+    model = _model_base(module, rule_prefixes)
     _check_fit(where, model, base)
-    # The base keys as load_vace_weights' key filter: each top-level name (or a root-level key itself).
+    # The base keys as load_weights' key filter: each top-level name (or a root-level key itself).
     top_level = tuple(sorted({k.split(".", 1)[0] + "." if "." in k else k for k in model}))
-    return load_vace_weights(module, path, key_map=key_map, strip_prefixes=strip_prefixes, vace_prefixes=top_level,
-                             mmap=mmap)
+    return load_weights(module, path, prefixes=top_level, key_map=key_map, strip_prefixes=strip_prefixes,
+                        label="base", mmap=mmap)
 
 
 __all__ = ["MODEL_DTYPES", "base_dtype", "base_keys", "load_base_weights"]

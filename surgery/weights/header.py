@@ -110,10 +110,10 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
                 raise invalid_file(path, f"only {size} bytes, shorter than the 8-byte header length")
             (header_len,) = struct.unpack("<Q", head)
             if header_len > _MAX_HEADER_BYTES or header_len > size - 8:
-                hint = ""
+                guess = ""
                 if head[:2] == b"PK" or head[:1] == b"\x80":
-                    hint = "; it looks like a torch.save pickle/zip renamed to .safetensors"
-                raise invalid_file(path, f"header length {header_len} does not fit a {size}-byte file{hint}")
+                    guess = "; it looks like a torch.save pickle/zip renamed to .safetensors"
+                raise invalid_file(path, f"header length {header_len} does not fit a {size}-byte file{guess}")
             raw = fh.read(header_len)
     except OSError as exc:
         raise WeightsError(f"cannot read {path}: {exc.strerror or exc}", "check the path and permissions") from exc

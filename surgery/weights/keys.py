@@ -1,4 +1,4 @@
-"""Key handling: prefix stripping, data-driven key maps, filtering to the VACE branch.
+"""Key handling: prefix stripping, data-driven key maps, filtering to a rule's grafted modules.
 
 A key map is plain data: an ordered sequence of ``(pattern, replacement)`` pairs applied
 to every key in turn, each rule seeing the previous rule's output (the same semantics
@@ -17,7 +17,6 @@ from surgery.errors import RuleError, WeightsError
 KeyRule = tuple["str | re.Pattern[str]", str]
 KeyMap = Sequence[KeyRule]
 REGEX_PREFIX = "re:"
-_BLOCK_RE = re.compile(r"^vace_blocks\.(\d+)\.")
 
 
 def compile_key_map(key_map: KeyMap | None) -> list[Callable[[str], str]]:
@@ -27,7 +26,7 @@ def compile_key_map(key_map: KeyMap | None) -> list[Callable[[str], str]]:
     if isinstance(key_map, (str, bytes)) or not isinstance(key_map, Iterable):
         raise RuleError(
             f"key_map must be a sequence of (pattern, replacement) pairs, got {type(key_map).__name__}",
-            "pass e.g. rules.vace.DIFFUSERS_TO_NATIVE",
+            "pass a sequence of (pattern, replacement) pairs, such as one of the rule's key_maps",
         )
     compiled: list[Callable[[str], str]] = []
     for i, rule in enumerate(key_map):
@@ -97,17 +96,3 @@ def select_keys(
             )
         selected[key] = name
     return KeySelection(selected, dropped)
-
-
-def block_indices(keys: Iterable[str]) -> list[int]:
-    """Sorted distinct ``K`` of ``vace_blocks.K.*`` keys."""
-    return sorted({int(m.group(1)) for k in keys if (m := _BLOCK_RE.match(k))})
-
-
-def describe_blocks(indices: Sequence[int]) -> str:
-    """Human form of a block index list: ``vace_blocks.0-14`` or an explicit list if not contiguous."""
-    if not indices:
-        return "no vace_blocks"
-    if list(indices) == list(range(indices[0], indices[-1] + 1)):
-        return f"vace_blocks.{indices[0]}-{indices[-1]}" if len(indices) > 1 else f"vace_blocks.{indices[0]}"
-    return "vace_blocks " + ",".join(map(str, indices))

@@ -1,4 +1,4 @@
-"""Load VACE-branch weights from safetensors into a module with native VACE keys.
+"""Load the weights of a rule's grafted modules from safetensors into a module with native keys.
 
 Validate first, then touch: every check (keys, shapes, counts, floating-point dtypes,
 finiteness and overflow of the converted values, the all-zero patch embedding) runs
@@ -12,7 +12,11 @@ How each tensor lands in the module:
   *replaced* by the file's memory-mapped tensor (assign-style, no copy at all);
 * the new tensors are swapped in together only when every one is ready, so even an
   interrupt half-way leaves the module as it was (at the cost of a transient second
-  copy of the VACE branch, never of the base model).
+  copy of the loaded modules, never of the base model).
+
+What only the rule knows (its branch's input width and depth, values that must not be all
+zero) it checks itself through a :class:`~surgery.weights.checks.WeightChecks`, at the same
+points: from the headers, then on each converted value, before the module is touched.
 """
 from __future__ import annotations
 
@@ -37,18 +41,18 @@ from surgery.weights.files import (
     resolve_checkpoint,
     torch_dtype,
 )
-from surgery.weights.keys import KeyMap, block_indices, describe_blocks, select_keys
+from surgery.weights.checks import ValueCheck, WeightChecks
+from surgery.weights.keys import KeyMap, select_keys
 from surgery.weights.report import LoadReport
-from surgery.weights.values import all_finite, all_zero
+from surgery.weights.values import all_finite
 
 DEFAULT_STRIP_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-DEFAULT_VACE_PREFIXES = ("vace_blocks.", "vace_patch_embedding.")
-PATCH_EMBEDDING_KEY = "vace_patch_embedding.weight"
+#: The fix for keys or shapes that do not fit, when neither a key map nor the rule explains them.
+MISMATCH_FIX = "use the checkpoint made for this model, or pass a key_map for its layout"
 _LIST_LIMIT = 6
 _CPU = torch.device("cpu")
 _PEFT_MARKERS = re.compile(r"\.(base_layer\.|lora_A\.|lora_B\.|lora_embedding_|lora_magnitude_)")
-# For a module no rule rewrote (a hand-written VACE model), which has no key maps to offer.
-_DIFFUSERS_MARKERS = (".attn1.", ".attn2.", ".proj_in.", ".proj_out.", ".scale_shift_table", ".ffn.net.")
+_NO_CHECKS = WeightChecks()
 
 
 class _Slot:
@@ -76,8 +80,8 @@ def _listing(items: Sequence[str], total: int | None = None) -> str:
     return shown + (f", ... (+{total - _LIST_LIMIT} more)" if total > _LIST_LIMIT else "")
 
 
-def _module_slots(module: nn.Module, prefixes: Sequence[str]) -> dict[str, _Slot]:
-    """VACE parameters/buffers of ``module`` by state_dict key; aliases share one slot."""
+def _module_slots(module: nn.Module, prefixes: Sequence[str], part: str) -> dict[str, _Slot]:
+    """The parameters/buffers of ``module`` under ``prefixes`` by state_dict key; aliases share one slot."""
     by_id: dict[int, _Slot] = {}
     slots: dict[str, _Slot] = {}
     # One walk of the module tree instead of a get_submodule walk per key.
@@ -91,14 +95,14 @@ def _module_slots(module: nn.Module, prefixes: Sequence[str]) -> dict[str, _Slot
         if owner is None:
             raise WeightsError(
                 f"state_dict key {key!r} does not name a submodule attribute, so it cannot be assigned",
-                "remove custom state_dict hooks from the VACE modules",
+                f"remove custom state_dict hooks from the {part} modules",
             )
         is_param = attr in owner._parameters
         registered = owner._parameters.get(attr) if is_param else owner._buffers.get(attr)
         if registered is None or registered is not tensor:
             raise WeightsError(
                 f"state_dict key {key!r} is not a plain parameter or buffer of {type(owner).__name__}",
-                "remove custom state_dict hooks from the VACE modules",
+                f"remove custom state_dict hooks from the {part} modules",
             )
         slot = by_id.get(id(tensor))
         if slot is None:
@@ -110,7 +114,10 @@ def _module_slots(module: nn.Module, prefixes: Sequence[str]) -> dict[str, _Slot
 
 
 def _fit_error(missing: list[str], unexpected: list[str], shapes: list[str], files: Sequence[str],
-               layout_fix: Callable[[], str | None], part: str = "VACE") -> WeightsError:
+               layout_fix: Callable[[list[str]], str | None], part: str,
+               mismatch_fix: str | None = None) -> WeightsError:
+    """All key and shape problems in one error; the fix names a key map that makes the keys fit
+    (``layout_fix``), else ``mismatch_fix`` (the rule's), else :data:`MISMATCH_FIX`."""
     parts = []
     if missing:
         parts.append(f"{len(missing)} {part} keys missing from the file ({_listing(missing)})")
@@ -118,10 +125,7 @@ def _fit_error(missing: list[str], unexpected: list[str], shapes: list[str], fil
         parts.append(f"{len(unexpected)} unexpected keys in the file ({_listing(unexpected)})")
     if shapes:
         parts.append(f"{len(shapes)} shape mismatches, model vs file ({_listing(shapes)})")
-    fix = layout_fix() if missing or unexpected else None
-    if fix is None and any(m in k for k in unexpected for m in _DIFFUSERS_MARKERS):
-        fix = "the file uses diffusers names: pass key_map=rules.vace.DIFFUSERS_TO_NATIVE"
-    fix = fix or "use the checkpoint built for this model's dim, ffn_dim and vace_layers, or pass a key_map for its layout"
+    fix = (layout_fix(unexpected) if missing or unexpected else None) or mismatch_fix or MISMATCH_FIX
     err = WeightsError(f"{', '.join(files)} does not fit the model: " + "; ".join(parts), fix)
     err.details = {"missing": missing, "unexpected": unexpected, "shape_mismatches": shapes}  # type: ignore[attr-defined]
     return err
@@ -150,23 +154,13 @@ def _check_chunk(key: str, entry: TensorEntry, converted: torch.Tensor, stored: 
         raise _nonfinite_error(key, entry, converted, stored)
 
 
-def _check_patch_embedding(key: str, entry: TensorEntry, value: torch.Tensor) -> None:
-    """An all-zero patch embedding (stored so, or underflowed by the conversion) ignores the context."""
-    if key == PATCH_EMBEDDING_KEY and all_zero(value):
-        raise WeightsError(
-            f"{entry.file}: {entry.name!r} is all zeros in the model's {_dtype_name(value.dtype)}, so the VACE "
-            "context would be ignored",
-            "this is an untrained or zero-initialised checkpoint; load the released VACE weights",
-        )
-
-
 def _assign(slot: _Slot, value: torch.Tensor) -> None:
     new: torch.Tensor = nn.Parameter(value, requires_grad=slot.tensor.requires_grad) if slot.is_param else value
     for owner, attr in slot.owners:
         (owner._parameters if slot.is_param else owner._buffers)[attr] = new
 
 
-def _converted(slot: _Slot, file: TensorFile, key: str, entry: TensorEntry) -> torch.Tensor:
+def _converted(slot: _Slot, file: TensorFile, key: str, entry: TensorEntry, check: ValueCheck | None) -> torch.Tensor:
     """A checked private copy of the stored tensor in the slot's dtype, on the slot's device.
 
     Read and converted in chunks into fresh CPU storage, each chunk checked while it is
@@ -175,35 +169,38 @@ def _converted(slot: _Slot, file: TensorFile, key: str, entry: TensorEntry) -> t
     out = fresh_cpu(entry.shape, slot.tensor.dtype)
     for converted, stored in file.fill(entry, out):
         _check_chunk(key, entry, converted, stored)
-    _check_patch_embedding(key, entry, out)
+    if check is not None:
+        check(key, entry, out)
     return out if slot.target_device.type == "cpu" else out.to(slot.target_device)
 
 
-def load_vace_weights(
+def load_weights(
     module: nn.Module,
     path: str | Path,
     *,
+    prefixes: Sequence[str],
     key_map: KeyMap | None = None,
     strip_prefixes: Sequence[str] = DEFAULT_STRIP_PREFIXES,
-    vace_prefixes: Sequence[str] = DEFAULT_VACE_PREFIXES,
-    expect_vace_in_dim: int | None = None,
-    expect_blocks: int | None = None,
+    checks: WeightChecks | None = None,
+    label: str = "grafted",
     mmap: bool = False,
 ) -> LoadReport:
-    """Load the VACE branch (``vace_blocks.*``, ``vace_patch_embedding.*``) from safetensors.
+    """Load the module's tensors under ``prefixes`` (a rule's grafted modules) from safetensors.
 
     Args:
-        module: a module whose state_dict uses native keys (``vace_blocks.K.*`` ...).
-            Its parameters may live on any device or on ``meta`` (loaded to CPU then).
-        path: a VACE-only ``.safetensors`` file, a full checkpoint (filtered to the VACE
-            keys), a ``*.safetensors.index.json``, or a directory holding either.
-            Pickle formats (``.pt``, ``.pth``, ``.bin``, ``.ckpt``) are refused unopened.
+        module: a module whose state_dict uses native keys. Its parameters may live on any
+            device or on ``meta`` (loaded to CPU then).
+        path: a ``.safetensors`` file holding those tensors alone or in a full checkpoint
+            (filtered to ``prefixes``), a ``*.safetensors.index.json``, or a directory
+            holding either. Pickle formats (``.pt``, ``.pth``, ``.bin``, ``.ckpt``) are
+            refused unopened.
+        prefixes: which (mapped) keys to load: the state_dict prefixes of the grafted modules
+            (``Rule.weight_prefixes``).
         key_map: ordered ``(pattern, replacement)`` rules applied after prefix stripping
-            (see :mod:`surgery.weights.keys`); e.g. ``rules.vace.DIFFUSERS_TO_NATIVE``.
+            (see :mod:`surgery.weights.keys`); e.g. one of ``Rule.key_maps``.
         strip_prefixes: prefixes removed from stored names; the first match wins.
-        vace_prefixes: which (mapped) keys belong to the VACE branch.
-        expect_vace_in_dim, expect_blocks: optional expectations checked against the
-            values inferred from the file.
+        checks: the rule's own checks of the file against the model (``Rule.check_weights``).
+        label: how messages name these weights when ``checks`` gives no label.
         mmap: ``False`` (the default) copies every tensor out of the file, so the loaded
             weights never change afterwards, whatever happens to the file. ``True`` is an
             opt-in that saves the copy (and its memory) where a stored tensor already has
@@ -222,33 +219,38 @@ def load_vace_weights(
 
     Raises:
         WeightsError: unreadable, unsafe or non-regular file, shard outside the index's
-            directory, key/shape/count mismatch, a tensor that is not floating point,
-            NaN/Inf, overflow on conversion, an all-zero ``vace_patch_embedding.weight``,
-            or a file modified while it is being read.
-        OrderError: the VACE modules already carry PEFT/LoRA layers.
+            directory, key/shape mismatch, a tensor that is not floating point, NaN/Inf,
+            overflow on conversion, a file modified while it is being read, or anything
+            the rule's ``checks`` refuse.
+        OrderError: the modules to load already carry PEFT/LoRA layers.
     """
     start = time.perf_counter()
+    checks = checks or _NO_CHECKS
+    part = checks.label or label
     entries = resolve_checkpoint(path)
-    selection = select_keys(entries, strip_prefixes=strip_prefixes, key_map=key_map, keep_prefixes=vace_prefixes)
+    selection = select_keys(entries, strip_prefixes=strip_prefixes, key_map=key_map, keep_prefixes=prefixes)
     chosen = {k: entries[n] for k, n in selection.selected.items()}
     files = sorted({str(e.file) for e in (chosen or entries).values()})
     where = ", ".join(files)
     if not chosen:
         sample = _listing(sorted(entries), len(entries)) if entries else "no tensors"
         raise WeightsError(
-            f"{where} holds no VACE keys ({', '.join(vace_prefixes)}) after prefix stripping; it has {sample}",
-            "pass a VACE checkpoint (a VACE-only module or a full VACE model), or a key_map for its naming",
+            f"{where} holds no {part} keys ({', '.join(prefixes)}) after prefix stripping; it has {sample}",
+            f"pass a checkpoint that holds the {part} weights (alone or in a full model), or a key_map for its naming",
         )
-    file_in_dim, file_blocks = _infer(chosen)
-    _check_expectations(where, chosen, file_in_dim, file_blocks, expect_vace_in_dim, expect_blocks)
 
-    slots = _module_slots(module, vace_prefixes)
-    _check_model(where, slots, vace_prefixes, file_in_dim, file_blocks)
-    plan = _plan(slots, chosen, files, lambda: _layout_fix(module, entries, strip_prefixes, vace_prefixes, slots))
+    slots = _module_slots(module, prefixes, part)
+    _check_model(where, slots, prefixes, part)
+    facts = dict(checks.fit(where, chosen, {k: s.tensor for k, s in slots.items()})) if checks.fit else {}
+
+    def layout_fix(unexpected: list[str]) -> str | None:
+        return _layout_fix(module, entries, strip_prefixes, prefixes, slots, unexpected, checks)
+
+    plan = _plan(slots, chosen, files, layout_fix, part, checks.mismatch_fix)
 
     shares = [_maps(slot, entry, mmap) for slot, _, entry in plan]
     with open_tensors({e.file for _, _, e in plan}, mmap=mmap) as handles:
-        values = [_read_checked(handles, *step, share) for step, share in zip(plan, shares)]
+        values = [_read_checked(handles, *step, share, checks.value) for step, share in zip(plan, shares)]
     _commit(plan, values)
     counts = _count(plan, shares)
 
@@ -259,8 +261,7 @@ def load_vace_weights(
         target_dtypes=dict(counts.target_dtypes),
         bytes_read=sum(e.nbytes for _, _, e in plan),
         seconds=time.perf_counter() - start,
-        vace_in_dim=file_in_dim,
-        blocks=len(file_blocks),
+        facts=facts,
         ignored=selection.dropped,
         shared=counts.shared,
         converted=counts.converted,
@@ -270,91 +271,45 @@ def load_vace_weights(
     )
 
 
-def _infer(chosen: dict[str, TensorEntry]) -> tuple[int | None, list[int]]:
-    """vace_in_dim (patch embedding input channels) and the VACE block indices of a file."""
-    patch = chosen.get(PATCH_EMBEDDING_KEY)
-    in_dim = patch.shape[1] if patch is not None and len(patch.shape) > 1 else None
-    return in_dim, block_indices(chosen)
-
-
-def _check_expectations(
-    where: str,
-    chosen: dict[str, TensorEntry],
-    file_in_dim: int | None,
-    file_blocks: list[int],
-    expect_vace_in_dim: int | None,
-    expect_blocks: int | None,
-) -> None:
-    if expect_vace_in_dim is not None and file_in_dim != expect_vace_in_dim:
-        patch = chosen.get(PATCH_EMBEDDING_KEY)
-        raise WeightsError(
-            f"{where} has vace_in_dim {file_in_dim} ({PATCH_EMBEDDING_KEY} shape "
-            f"{list(patch.shape) if patch else None}) but {expect_vace_in_dim} was expected",
-            "use a checkpoint with the expected vace_in_dim, or change the expectation",
-        )
-    if expect_blocks is not None and len(file_blocks) != expect_blocks:
-        raise WeightsError(
-            f"{where} has {len(file_blocks)} VACE blocks ({describe_blocks(file_blocks)}) but {expect_blocks} were "
-            "expected",
-            "use the checkpoint matching vace_layers, or build the model with as many VACE layers as the file has",
-        )
-
-
-def _check_model(
-    where: str, slots: dict[str, _Slot], vace_prefixes: Sequence[str], file_in_dim: int | None, file_blocks: list[int]
-) -> None:
-    """Model-level fit: a VACE branch exists, carries no LoRA, and has the file's in_dim and depth."""
+def _check_model(where: str, slots: dict[str, _Slot], prefixes: Sequence[str], part: str) -> None:
+    """Model-level fit: the modules to load exist and carry no LoRA."""
     if not slots:
         raise WeightsError(
-            f"the model has no VACE parameters ({', '.join(vace_prefixes)}) to load {where} into",
-            "graft the VACE branch first, then load its weights",
+            f"the model has no {part} parameters ({', '.join(prefixes)}) to load {where} into",
+            f"graft the {part} modules first (apply the rule), then load their weights",
         )
     peft_keys = [k for k in slots if _PEFT_MARKERS.search(k)]
     if peft_keys:
         raise OrderError(
-            f"the VACE modules already carry LoRA/PEFT layers (e.g. {peft_keys[0]!r}), so native VACE keys cannot load",
-            "keep the order Base -> VACE -> LoRA: load the VACE weights before injecting any LoRA",
-        )
-    patch = slots.get(PATCH_EMBEDDING_KEY)
-    if file_in_dim is not None and patch is not None and patch.tensor.dim() > 1:
-        model_in_dim = patch.tensor.shape[1]
-        if model_in_dim != file_in_dim:
-            raise WeightsError(
-                f"{where} has vace_in_dim {file_in_dim} but the model's {PATCH_EMBEDDING_KEY} takes {model_in_dim}",
-                f"build the model with vace_in_dim={file_in_dim}, or use a checkpoint for vace_in_dim={model_in_dim}",
-            )
-    model_blocks = block_indices(slots)
-    if len(model_blocks) != len(file_blocks):
-        raise WeightsError(
-            f"{where} has {len(file_blocks)} VACE blocks ({describe_blocks(file_blocks)}) but the model has "
-            f"{len(model_blocks)} ({describe_blocks(model_blocks)})",
-            f"build the model with {len(file_blocks)} vace_layers, or use the checkpoint made for "
-            f"{len(model_blocks)}",
+            f"the {part} modules already carry LoRA/PEFT layers (e.g. {peft_keys[0]!r}), so native {part} keys "
+            "cannot load",
+            f"keep the order Base -> {part} -> LoRA: load the {part} weights before injecting any LoRA",
         )
 
 
 def _layout_fix(module: nn.Module, names: Iterable[str], strip_prefixes: Sequence[str],
-                vace_prefixes: Sequence[str], slots: dict[str, _Slot]) -> str | None:
+                prefixes: Sequence[str], slots: dict[str, _Slot], unexpected: Sequence[str],
+                checks: WeightChecks) -> str | None:
     """The key map that makes the file's keys the module's, from the rule that rewrote the
-    module (``Rule.key_maps``: its family's maps from other layouts), as a fix; else None
-    (``""`` for a rewritten module that none fits: no other hint applies to it)."""
+    module (``Rule.key_maps``: its family's maps from other layouts), as a fix; for a module no
+    rule rewrote, the rule's own guess from the stored names (``checks.layout_fix``); else None."""
     rule = getattr(getattr(module, "surgery_state", None), "rule", None)
     if rule is None:
-        return None
+        return checks.layout_fix(unexpected) if checks.layout_fix is not None else None
     for name, table in (getattr(rule, "key_maps", None) or {}).items():
         try:
-            selection = select_keys(names, strip_prefixes=strip_prefixes, key_map=table, keep_prefixes=vace_prefixes)
+            selection = select_keys(names, strip_prefixes=strip_prefixes, key_map=table, keep_prefixes=prefixes)
         except WeightsError:  # a map that makes keys collide is no candidate
             continue
         if set(selection.selected) == set(slots):
             return (f"the file uses the {name!r} layout: pass key_map=model.surgery_state.rule.key_maps[{name!r}] "
                     f"(a key map of rule {rule.name!r})")
-    return ""
+    return None
 
 
 def _plan(
     slots: dict[str, _Slot], chosen: dict[str, TensorEntry], files: Sequence[str],
-    layout_fix: Callable[[], str | None],
+    layout_fix: Callable[[list[str]], str | None], part: str, mismatch_fix: str | None,
 ) -> list[tuple[_Slot, str, TensorEntry]]:
     """Pair every model slot with its file entry; all key and shape problems in one error."""
     plan: list[tuple[_Slot, str, TensorEntry]] = []
@@ -382,26 +337,26 @@ def _plan(
         plan.append((slot, present[0], entry))
     unexpected = sorted(k for k in chosen if k not in slots)
     if missing or unexpected or shapes:
-        raise _fit_error(missing, unexpected, shapes, files, layout_fix)
-    _check_dtypes(plan, files)
+        raise _fit_error(missing, unexpected, shapes, files, layout_fix, part, mismatch_fix)
+    _check_dtypes(plan, files, part)
     return plan
 
 
-def _check_dtypes(plan: list[tuple[_Slot, str, TensorEntry]], files: Sequence[str]) -> None:
+def _check_dtypes(plan: list[tuple[_Slot, str, TensorEntry]], files: Sequence[str], part: str) -> None:
     """Only floating-point tensors load, into floating-point parameters (never a silent cast)."""
     stored = [f"{e.name} ({e.dtype_name})" for _, _, e in plan if e.dtype not in FLOAT_CODES]
     if stored:
         raise WeightsError(
             f"{', '.join(files)}: {len(stored)} tensors are not floating point ({_listing(stored)}), and integer "
             "or bool values are never converted to weights",
-            "use a checkpoint that stores the VACE weights as float32, bfloat16 or float16",
+            f"use a checkpoint that stores the {part} weights as float32, bfloat16 or float16",
         )
     held = [f"{k} ({_dtype_name(s.tensor.dtype)})" for s, k, _ in plan if not s.tensor.is_floating_point()]
     if held:
         raise WeightsError(
-            f"the model holds {len(held)} VACE tensors that are not floating point ({_listing(held)}), so "
+            f"the model holds {len(held)} {part} tensors that are not floating point ({_listing(held)}), so "
             "weights cannot load into them without a silent cast",
-            "keep the VACE parameters and buffers in a floating-point dtype",
+            f"keep the {part} parameters and buffers in a floating-point dtype",
         )
 
 
@@ -411,14 +366,15 @@ def _maps(slot: _Slot, entry: TensorEntry, mmap: bool) -> bool:
 
 
 def _read_checked(
-    handles: Mapping[Path, TensorFile], slot: _Slot, key: str, entry: TensorEntry, share: bool
+    handles: Mapping[Path, TensorFile], slot: _Slot, key: str, entry: TensorEntry, share: bool, check: ValueCheck | None
 ) -> torch.Tensor:
     """The checked value the slot will get: the mapped file tensor (``share``, opt-in) or a checked copy."""
     if not share:
-        return _converted(slot, handles[entry.file], key, entry)
+        return _converted(slot, handles[entry.file], key, entry, check)
     t = read_tensor(handles, entry)
     _check_chunk(key, entry, t, t)
-    _check_patch_embedding(key, entry, t)
+    if check is not None:
+        check(key, entry, t)
     return t
 
 

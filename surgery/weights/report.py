@@ -1,17 +1,24 @@
-"""What a VACE weights load did, for logs, reports and the CLI table."""
+"""What a weights load did, for logs, reports and the CLI table."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+#: The row that counts the stored tensors a load left alone (those of other modules).
+IGNORED_LABEL = "tensors ignored (other modules')"
 
 
 @dataclass(frozen=True)
 class LoadReport:
-    """Summary of one :func:`surgery.weights.load_vace_weights` call.
+    """Summary of one :func:`surgery.weights.load_weights` call (or :func:`~surgery.weights.load_rule_weights`).
 
     ``file_dtypes`` counts tensors by their dtype in the checkpoint, ``target_dtypes`` by
     the dtype they have in the model; ``shared`` counts tensors that now live directly in
     the checkpoint's memory map (``mmap=True`` only: no copy), ``converted`` those that
-    needed a dtype or device conversion, ``copied`` those copied as stored (the default).
+    needed a dtype or device conversion, ``copied`` those copied as stored (the default);
+    ``ignored`` counts stored tensors outside the loaded prefixes, and ``facts`` holds what
+    the rule's own checks read from the file (``WeightChecks.fit``: label -> value).
     """
 
     files: tuple[str, ...]
@@ -20,8 +27,7 @@ class LoadReport:
     target_dtypes: dict[str, int]
     bytes_read: int
     seconds: float
-    vace_in_dim: int | None
-    blocks: int
+    facts: dict[str, Any] = field(default_factory=dict)
     ignored: int = 0
     shared: int = 0
     converted: int = 0
@@ -38,7 +44,7 @@ class LoadReport:
         return [
             ("files", "\n".join(self.files)),
             ("tensors loaded", str(self.tensors)),
-            ("tensors ignored (non-VACE)", str(self.ignored)),
+            (IGNORED_LABEL, str(self.ignored)),
             ("file dtypes", counts(self.file_dtypes)),
             ("model dtypes", counts(self.target_dtypes)),
             ("devices", counts(self.devices)),
@@ -47,8 +53,7 @@ class LoadReport:
             ("copied", str(self.copied)),
             ("bytes read", f"{self.bytes_read:,} ({self.bytes_read / 2**20:.1f} MiB)"),
             ("seconds", f"{self.seconds:.3f}"),
-            ("vace_in_dim", str(self.vace_in_dim)),
-            ("VACE blocks", str(self.blocks)),
+            *((label, str(value)) for label, value in self.facts.items()),
             ("key map rules", str(self.key_map_rules)),
         ]
 

@@ -2,9 +2,9 @@
 
 :func:`load_rule_weights` reads what to load from the rule that rewrote the model
 (``Rule.weight_prefixes``: the state_dict prefixes of its grafted modules; ``Rule.key_maps``:
-the checkpoint layouts it accepts, by name) and loads them with every check of
-:func:`surgery.weights.loader.load_vace_weights` (all or nothing, regular files only, values
-checked after conversion).
+the checkpoint layouts it accepts, by name; ``Rule.check_weights``: its own checks of a file
+against the model) and loads them with every check of :func:`surgery.weights.loader.load_weights`
+(all or nothing, regular files only, values checked after conversion).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch import nn
 from surgery.errors import WeightsError
 from surgery.rule import Rule
 from surgery.weights.keys import KeyMap
-from surgery.weights.loader import load_vace_weights
+from surgery.weights.loader import load_weights
 from surgery.weights.report import LoadReport
 
 
@@ -36,11 +36,11 @@ def load_rule_weights(module: nn.Module, path: str | Path, *, key_map: str | Key
             checkpoint is filtered to the rule's keys.
         key_map: the name of one of the rule's key maps (``Rule.key_maps``), or a map itself.
         rule: the rule whose modules to load; needed only for a model surgery did not rewrite.
-        options: passed on to the loader (``strip_prefixes``, ``mmap``, ``expect_*``).
+        options: passed on to the loader (``strip_prefixes``, ``mmap``).
 
     Raises:
         WeightsError: no rule, a rule that declares no weight prefixes, an unknown key map
-            name, or anything the loader refuses.
+            name, or anything the loader or the rule's checks refuse.
     """
     rule = rule if rule is not None else rule_of(module)
     if rule is None:
@@ -55,7 +55,8 @@ def load_rule_weights(module: nn.Module, path: str | Path, *, key_map: str | Key
             known = ", ".join(rule.key_maps) or "none"
             raise WeightsError(f"rule '{rule.name}' has no key map {key_map!r}", f"use one of: {known}")
         key_map = rule.key_maps[key_map]
-    return load_vace_weights(module, path, key_map=key_map, vace_prefixes=tuple(rule.weight_prefixes), **options)
+    return load_weights(module, path, prefixes=tuple(rule.weight_prefixes), key_map=key_map,
+                        checks=getattr(rule, "check_weights", None), label=rule.name, **options)
 
 
 __all__ = ["load_rule_weights", "rule_of"]
