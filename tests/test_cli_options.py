@@ -21,11 +21,11 @@ from examples.driver import example_call
 from examples.reference import random_vace_state_dict
 from report_fakes import Tiny
 from rules import vace
+from rules.vace import load_vace_weights
 from rules.vace.keymaps import NATIVE_TO_DIFFUSERS
 from surgery.cli import commands
 from surgery.cli.main import build_parser, main
 from surgery.lora import load_lora_file
-from rules.vace import load_vace_weights
 from surgery.weights import apply_key_map, compile_key_map
 from test_cli_basic import FACTORY
 from test_cli_robust import engine, error_line, refused_before_work  # noqa: F401 (engine is a fixture)

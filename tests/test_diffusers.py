@@ -18,12 +18,12 @@ diffusers = pytest.importorskip("diffusers")
 
 import surgery  # noqa: E402
 from rules import vace  # noqa: E402
+from rules.vace import load_vace_weights  # noqa: E402
 from rules.vace.keymaps import DIFFUSERS_TO_NATIVE, NATIVE_TO_DIFFUSERS  # noqa: E402
 from rules.vace.profiles import DIFFUSERS  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from surgery.errors import CallError, GraftError  # noqa: E402
 from surgery.grafting.build import rebuild_like  # noqa: E402
-from rules.vace import load_vace_weights  # noqa: E402
 from surgery.weights.keys import apply_key_map, compile_key_map  # noqa: E402
 
 CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,

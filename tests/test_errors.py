@@ -30,6 +30,7 @@ from examples import PIPELINES
 from examples.driver import example_call, snapshot_caches
 from examples.reference import CausalVaceWanModel, random_vace_state_dict
 from rules import vace
+from rules.vace import load_vace_weights
 from surgery.cli import loading
 from surgery.cli.main import main
 from surgery.errors import (
@@ -45,7 +46,6 @@ from surgery.errors import (
 )
 from surgery.reports import files as report_files
 from surgery.reports.report import REPORT_JSON, REPORT_MD, write_report
-from rules.vace import load_vace_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "longlive"  # the CLI's built-in tiny model: 4 blocks, dim 64, ffn 128, default vace_layers [0, 2]

@@ -35,11 +35,11 @@ from examples.reference import (
     to_reference_key,
 )
 from rules import vace
+from rules.vace import load_vace_weights
 from surgery.errors import OrderError
 from surgery.lora import check_order, load_lora_file, module_targeted_targets
 from surgery.lora.uncalled import uncalled_linear, uncalled_targets
 from surgery.reports.report import build_report, render_markdown
-from rules.vace import load_vace_weights
 
 pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402

@@ -27,12 +27,12 @@ from examples.driver import example_call
 from examples.reference import random_vace_state_dict
 from examples.wan import pipeline as wan_pipeline
 from rules import vace
+from rules.vace import DEFAULT_VACE_PREFIXES, load_vace_weights
 from rules.vace.keymaps import NATIVE_TO_DIFFUSERS
 from surgery.cli import commands
 from surgery.cli.main import main
 from surgery.cli.safetensors_out import write_safetensors
 from surgery.errors import InputError
-from rules.vace import DEFAULT_VACE_PREFIXES, load_vace_weights
 from surgery.weights import apply_key_map, compile_key_map
 
 NAME = "longlive"

@@ -25,8 +25,8 @@ from torch import nn
 
 import surgery.weights.loader as loader
 import surgery.weights.reading as reading
-from surgery.errors import ReportError, WeightsError
 from rules.vace import load_vace_weights
+from surgery.errors import ReportError, WeightsError
 from surgery.weights import require_regular_file
 from surgery.weights.paths import open_regular
 from surgery.weights.values import all_finite, all_zero

@@ -10,7 +10,7 @@ with native keys.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ MISMATCH_FIX = "use the checkpoint built for this model's dim, ffn_dim and vace_
 _DIFFUSERS_MARKERS = (".attn1.", ".attn2.", ".proj_in.", ".proj_out.", ".scale_shift_table", ".ffn.net.")
 
 
-def block_indices(keys: Sequence[str] | Mapping[str, Any], blocks: str = BLOCKS) -> list[int]:
+def block_indices(keys: Iterable[str], blocks: str = BLOCKS) -> list[int]:
     """Sorted distinct ``K`` of ``<blocks>.K.*`` keys."""
     pattern = re.compile(rf"^{re.escape(blocks)}\.(\d+)\.")
     return sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
