@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 
 import surgery
+import surgery.errors
+import surgery.validation
 from examples import PIPELINES
 from examples.driver import compare, example_call, run_stream
 from examples.reference import CausalVaceWanModel, load_vace_state_dict, random_vace_state_dict
@@ -391,3 +393,44 @@ def test_the_report_records_both_rules(longlive, tmp_path):
     assert "| ffn-adapter | 0 | blocks.0.ffn |" in markdown and "| vace | 0 | blocks.0 |" in markdown
     json_path, _ = write_report(tmp_path, report, markdown)
     assert json.loads(json_path.read_text())["rules"] == report["rules"]
+
+
+def test_validate_compares_a_composed_model_with_the_references_composed(longlive):
+    """The owner's VACE reference with the ffn-adapter reference applied on it; zero grafts of both
+    rules get seeded weights, so both branches act in every case."""
+    pipeline, base, _, _, _, _ = longlive
+    call = example_call(base, pipeline)
+    first = surgery.apply(base, vace.rule(), example_inputs=call)
+    second = surgery.apply(first.module, ffn_adapter.rule(bottleneck_dim=4), example_inputs=call)
+    report = surgery.validation.validate(second, model=base, pipeline=pipeline, example_inputs=call)
+    assert [c.name for c in report.cases] == ["structure", "graph", "vace+ffn-adapter-off", "vace+ffn-adapter-on",
+                                              "scales", "multi-context", "lora"]
+    assert report.passed, [(c.name, c.error) for c in report.cases if not c.passed]
+    assert all(c.max_abs_diff in (None, 0.0) for c in report.cases)
+
+    def doubled(site: Site):  # a wrong adapter action: the composed reference must tell
+        if site.match.index is None:
+            return None
+        return site.stream + 2 * site.module(f"{site.match.name}_adapter")(site.stream)
+
+    wrong = dataclasses.replace(ffn_adapter.rule(bottleneck_dim=4), actions=((Where.AFTER_EACH, doubled),))
+    broken = surgery.apply(first.module, wrong, example_inputs=call)
+    on = next(case for case in surgery.validation.validation_cases(broken, model=base, pipeline=pipeline,
+                                                                   example_inputs=call)
+              if case.name == "vace+ffn-adapter-on").run()
+    assert not on.passed and on.max_abs_diff > 0
+
+
+def test_validation_refuses_a_later_rule_without_a_reference(longlive):
+    pipeline, base, _, first, _, _ = longlive
+    call = example_call(base, pipeline)
+
+    def halve(site: Site):
+        return site.stream * 0.5
+
+    composed = surgery.apply(first.module, _rule("halve", FEED_FORWARD, [(Where.AFTER_EACH, halve)]),
+                             example_inputs=call)
+    with pytest.raises(surgery.errors.InputError) as caught:
+        surgery.validation.validation_cases(composed, model=base, pipeline=pipeline, example_inputs=call)
+    assert "rule 'halve' writes no reference (Rule.reference), so the model composed of vace + halve" in \
+        _one_line(caught.value)

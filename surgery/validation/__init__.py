@@ -26,7 +26,7 @@ from ..errors import SurgeryError
 from .cases import Case, CaseResult, Session, build_cases, default_scales, detached, seeded_weights
 from .graphs import GraphComparison, GraphDifference, compare_graphs
 from .reference_trace import trace_reference
-from .rule_reference import with_rule_reference
+from .rule_reference import first_rule_view, with_rule_reference
 from .harness import Harness, Scenario, discover_harness
 from .structure import StructureRow, compare_structure
 from .tolerances import TOLERANCES, model_tolerance, tolerance
@@ -52,7 +52,8 @@ class ValidationReport:
 
 def _discovered(result: Any, model: nn.Module, pipeline: Any, example_inputs: tuple[tuple, dict] | None) -> Harness:
     """The model owner's harness, with the rule's own reference when the rule writes one."""
-    found = discover_harness(result, model=model, pipeline=pipeline, example_inputs=example_inputs)
+    # A composed model's owner writes the reference of its first rule, applied to the base model.
+    found = discover_harness(first_rule_view(result), model=model, pipeline=pipeline, example_inputs=example_inputs)
     return with_rule_reference(found, result)
 
 

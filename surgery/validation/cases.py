@@ -43,6 +43,7 @@ from ..errors import InputError, SurgeryError
 from ..tracing.twin import share_tree
 from .graphs import GraphComparison, compare_graphs
 from .reference_trace import trace_reference
+from .rule_reference import applied_rules, control_matches, validated_rule
 from .harness import CallDiffs, Harness, Scenario
 from .structure import StructureRow, compare_structure, map_name
 from .tolerances import model_tolerance
@@ -152,7 +153,7 @@ class Session:
                              f"{len(harness.resolutions)} and {harness.chunks}", "give the harness more")
         self.result, self.model, self.harness = result, model, harness
         self.example_inputs = example_inputs
-        self.rule = result.rule
+        self.rule = validated_rule(result)  # a composed model's rules as one
         self.tolerance, self.dtype, self.device = model_tolerance(result.module)
         # Two references: one to drive (it gets weights), one snapshot of the base model's
         # state at apply time, to trace (runs reconfigure models for other resolutions).
@@ -169,18 +170,21 @@ class Session:
 
     # ----- weights ---------------------------------------------------------------------
     def _grafted(self) -> dict[str, torch.Tensor]:
+        state = self.result.module.state_dict(keep_vars=True)
+        if len(applied_rules(self.result)) > 1:  # every rule's grafts: what the base model lacks
+            base = self.model.state_dict(keep_vars=True)
+            return {k: v for k, v in state.items() if k not in base}
         prefixes = tuple(self.rule.weight_prefixes) or tuple(f"{g.name}." for g in self.result.grafted)
-        return {k: v for k, v in self.result.module.state_dict(keep_vars=True).items() if k.startswith(prefixes)}
+        return {k: v for k, v in state.items() if k.startswith(prefixes)}
 
     def _grafted_swap(self) -> dict[str, torch.Tensor]:
         """Seeded weights to use instead of all-zero grafted ones ({} if they are trained)."""
         grafted = self._grafted()
         if not grafted or any(bool(t.detach().any()) for t in grafted.values() if t.is_floating_point()):
             return {}
-        if self.harness.random_weights is not None:
-            values = self.harness.random_weights(self.result.module)
-        else:
-            values = seeded_weights({k: tuple(v.shape) for k, v in grafted.items()})
+        values = dict(self.harness.random_weights(self.result.module)) if self.harness.random_weights else {}
+        if not values or len(applied_rules(self.result)) > 1:  # composed: the other rules' grafts too
+            values.update(seeded_weights({k: tuple(v.shape) for k, v in grafted.items() if k not in values}))
         return {k: values[k].to(device=grafted[k].device, dtype=grafted[k].dtype) for k in grafted if k in values}
 
     def _load_reference(self) -> None:
@@ -232,7 +236,7 @@ class Session:
 
     def acted_on_layers(self) -> int:
         """How many matches the rule numbers (``Match.index``): the layers a per-layer scale covers."""
-        return len({m.index for m in self.result.matches if m.index is not None})
+        return len({m.index for m in control_matches(self.result) if m.index is not None})
 
     # ----- numeric verdicts -------------------------------------------------------------
     def numeric(self, name: str, pairs: list[tuple[Scenario, Any, Any]], extra: str = "",
@@ -303,10 +307,12 @@ def graph_case(session: Session) -> CaseResult:
 
 
 def off_case(session: Session, name: str) -> CaseResult:
+    # Inputs off switch off every rule that takes one; a composed rule without inputs still acts.
+    other = "base" if all(rule.inputs for rule, _ in applied_rules(session.result)) else "reference"
     pairs = []
     for i in range(len(session.harness.resolutions)):
         sc = session.scenario(i, control=False)
-        pairs.append((sc, session.run("rewritten", sc), session.run("base", sc)))
+        pairs.append((sc, session.run("rewritten", sc), session.run(other, sc)))
     return session.numeric(name, pairs)
 
 
