@@ -16,6 +16,7 @@ from examples.reference import CausalVaceWanModel, load_vace_state_dict, random_
 from rules import vace
 from surgery.reports.canonical import canonical_text
 from surgery.tracing.policy import TracePolicy
+from surgery.tracing.recheck import ShapeRecheck
 from surgery.tracing.tracer import ExampleTracer
 from surgery.tracing.twin import fake_inputs, fake_twin, new_fake_mode
 
@@ -60,19 +61,42 @@ def test_new_sizes_reuse_the_graph_bit_exact(name):
     assert all(spec.guards.recheck is not None for spec in state.specialisations.values())
 
 
-def test_tolist_stays_graph_arithmetic():
+def test_tolist_of_shape_ints_gives_the_ints_back():
+    # grid_sizes = torch.stack([torch.tensor(u.shape[2:]) for u in x]); grid_sizes.tolist() and
+    # seq_lens[0].item() are the sizes themselves: graph arithmetic, no tensor-to-Python
+    # conversion left in the graph (a compiled graph would break there).
     pipeline = PIPELINES["longlive"]
     base = pipeline.build("tiny", seed=0)
     result = surgery.apply(base, vace.rule(), example_inputs=example_call(base, pipeline))
     nodes = list(result.graph.nodes)
-    tolist = [n for n in nodes if n.op == "call_method" and n.target == "tolist"]
-    assert len(tolist) == 1
+    assert not [n for n in nodes if n.op == "call_method" and n.target in ("tolist", "item")]
+    unpatchify = next(n for n in nodes if n.op == "call_method" and n.target == "view" and len(n.args) == 8)
+    assert all(isinstance(a, torch.fx.Node) for a in unpatchify.args[1:4]), unpatchify.args  # not literal sizes
+
+
+class _Grid(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = torch.tensor(x.shape[1:]) * 1  # computed from the sizes: no longer the ints themselves
+        return x.view(*grid.tolist(), 1)
+
+
+def _trace(model: nn.Module, x: torch.Tensor):
+    """The trace of ``model(x)`` on its fake twin, and the twin."""
+    mode = new_fake_mode()
+    root = fake_twin(model, mode)
+    trace = ExampleTracer(TracePolicy()).trace_call(root, fake_inputs({"x": x}, mode),
+                                                    lambda root_proxy, proxies: type(root).forward(root, proxies["x"]))
+    return trace, root
+
+
+def test_tolist_of_a_computed_shape_tensor_stays_graph_arithmetic():
+    trace, _ = _trace(_Grid(), torch.zeros(1, 3, 4))
+    nodes = list(trace.graph.nodes)
+    assert len([n for n in nodes if n.op == "call_method" and n.target == "tolist"]) == 1
     view = next(n for n in nodes if n.op == "call_method" and n.target == "view")
-    assert all(isinstance(a, torch.fx.Node) for a in view.args[1:4]), view.args  # not literal sizes
+    assert all(isinstance(a, torch.fx.Node) for a in view.args[1:3]), view.args
     # Only the nesting of the list is guarded.
-    spec = next(iter(result.module.surgery_state.specialisations.values()))
-    structure = [c for c in spec.guards.recheck.concretised if c.convert == "structure"]
-    assert [c.value for c in structure] == [((None, None, None),)]
+    assert [(c.convert, c.value) for c in trace.concretised] == [("structure", (None, None))]
 
 
 class _Branchy(nn.Module):
@@ -97,14 +121,15 @@ class _TwoBranchy(nn.Module):
         return x
 
 
-def test_replayed_decisions_tie_a_trace_to_its_shapes():
-    mode = new_fake_mode()
-    root = fake_twin(_TwoBranchy(), mode)
-    tracer = ExampleTracer(TracePolicy())
-    trace = tracer.trace_call(root, fake_inputs({"x": torch.zeros(1, 3, 4)}, mode),
-                              lambda root_proxy, proxies: _TwoBranchy.forward(root, proxies["x"]))
-    assert trace.shape_specific is not None and "blocks.1" in trace.shape_specific
-    assert [c.convert for c in trace.concretised] == ["bool"]
+def test_replayed_decisions_are_rechecked_for_each_copy():
+    trace, root = _trace(_TwoBranchy(), torch.zeros(1, 3, 4))
+    # blocks.1 replays blocks.0: its copy of the decision is recorded on its own node.
+    assert [c.convert for c in trace.concretised] == ["bool", "bool"]
+    assert trace.concretised[0].node is not trace.concretised[1].node
+    recheck = ShapeRecheck(trace.graph, trace.concretised, trace.calls, root)
+    assert recheck.first_failure({"x": torch.zeros(1, 5, 4)}) is None
+    failure = recheck.first_failure({"x": torch.zeros(1, 2, 4)})
+    assert failure.startswith("`if x.shape[1] > 2:") and failure.endswith(": False != traced True"), failure
 
 
 def test_state_changes_are_seen_through_the_identity_snapshot():
@@ -116,15 +141,22 @@ def test_state_changes_are_seen_through_the_identity_snapshot():
         assert torch.equal(model(*args, **kwargs), first) and state.last_dispatch[0] == "cached"
     built = state.built
     # A plain attribute the traced code read: a new object, even of equal value, is a full check.
-    model.blocks[0].eps = float(str(model.blocks[0].eps))
+    norm = model.blocks[0].norm1
+    norm.eps = float(str(norm.eps))
     with torch.no_grad():
         model(*args, **kwargs)
     assert state.built == built and state.last_dispatch[0] == "cached"
-    model.blocks[0].eps = 1e-3
+    norm.eps = 1e-3
     with torch.no_grad():
         model(*args, **kwargs)
-    assert state.built == built + 1 and "blocks.0.eps" in state.reasons[-1]
-    model.blocks[0].eps = 1e-6
+    assert state.built == built + 1 and "blocks.0.norm1.eps" in state.reasons[-1]
+    norm.eps = 1e-6
+    # One it never read (the block keeps its settings, its code does not read them): no new graph.
+    built = state.built
+    model.blocks[0].eps = 1e-3
+    with torch.no_grad():
+        assert torch.equal(model(*args, **kwargs), first)
+    assert state.built == built and state.last_dispatch[0] == "cached"
     # A swapped-in block is called by name: no new trace, and its weights are used.
     changed = copy.deepcopy(model.blocks[1])
     with torch.no_grad():

@@ -354,8 +354,7 @@ def finish(model: nn.Module, tracer: ExampleTracer, trace: Trace, result: MatchR
             if node not in before and "surgery" not in node.meta:
                 node.meta["surgery"] = {"rule": each.name, "role": "branch", "index": None}
     # Before pruning: the nodes that only fed Python decisions are what a recheck evaluates.
-    recheck = ShapeRecheck(trace.graph, tracer.concretised, tracer.calls, twin) \
-        if tracer.shape_specific is None else None
+    recheck = ShapeRecheck(trace.graph, tracer.concretised, tracer.calls, twin)
     compiled = snapshot_compiled(model, tracer.traced_modules)
     as_modules = {path for path, call in compiled.items() if call is not None}
     prune_resolved(trace.graph, keep=argument_nodes(tracer.calls, as_modules))
@@ -367,11 +366,10 @@ def finish(model: nn.Module, tracer: ExampleTracer, trace: Trace, result: MatchR
     guards = GuardSet(
         signature=call_signature(inputs),
         deps={dep: evaluate(dep, inputs, model) for dep in tracer.deps},
-        state=snapshot_state(model, [""] + tracer.traced_modules),
+        state=snapshot_state(model, [""] + tracer.traced_modules, tracer.attributes_read),
         notes=list(tracer.notes),
         shapes={path: tuple(resolve_path(inputs, path).shape) for path in shaped},
         recheck=recheck,
-        shape_specific=tracer.shape_specific,
         compiled=compiled,
     )
     return Specialisation(guards, trace.graph, code, fn, list(trace.inputs), results[-1].matches, trace_s, rewrite_s,

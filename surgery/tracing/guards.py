@@ -116,20 +116,33 @@ def _has_param(model: nn.Module, name: str) -> bool:
 _SIMPLE = (bool, int, float, str, type(None), torch.dtype, torch.device)
 
 
-def snapshot_state(model: nn.Module, qualnames: Iterable[str]) -> dict[tuple[str, str], Any]:
-    """Plain attributes of the modules whose Python code was traced.
+def watched(module: nn.Module, attr: str) -> bool:
+    """Whether the tracer sees each read of the plain attribute ``attr`` of ``module`` (one
+    that no class attribute shadows, of a module that is not a built-in layer)."""
+    return not attr.startswith("_") and attr != "training" and not hasattr(type(module), attr)
+
+
+def snapshot_state(model: nn.Module, qualnames: Iterable[str],
+                   read: Iterable[tuple[str, str]] = ()) -> dict[tuple[str, str], Any]:
+    """Plain attributes that traced code read: ``read``, as ``(module path, name)``, and of
+    the modules whose Python code was traced (``qualnames``), those whose reads the tracer
+    could not see (see :func:`watched`).
 
     Traced code bakes these values in (``self.block_mask``, ``self.local_attn_size``,
-    ``self.freqs``), and pipelines change them at run time, so a change must re-specialise.
-    Simple values compare by equality, everything else by identity.
+    ``self.freqs``), and pipelines change them at run time, so a change must re-specialise;
+    an attribute the traced code never read (a cache-path setting of a module traced on its
+    cache-free path) changes nothing. Simple values compare by equality, everything else by
+    identity.
     """
     state: dict[tuple[str, str], Any] = {}
     for qualname in qualnames:
         module = model.get_submodule(qualname)
         for attr, value in vars(module).items():
-            if attr.startswith("_") or attr == "training":
+            if attr.startswith("_") or attr == "training" or watched(module, attr):
                 continue
             state[(qualname, attr)] = _state_token(value)
+    for qualname, attr in read:
+        state[(qualname, attr)] = _state_token(model.get_submodule(qualname).__dict__.get(attr, _MISSING))
     return state
 
 
@@ -151,7 +164,7 @@ class GuardSet:
 
     ``shapes`` are the traced sizes of the inputs whose metadata Python read. A call with
     other sizes is accepted when ``recheck`` re-derives every decision unchanged (the
-    accepted sizes are remembered); ``shape_specific`` says why a graph has no recheck.
+    accepted sizes are remembered).
     """
 
     signature: tuple
@@ -160,7 +173,6 @@ class GuardSet:
     notes: list[Guard] = field(default_factory=list)
     shapes: dict[tuple, tuple] = field(default_factory=dict)
     recheck: Any = None  # a surgery.tracing.recheck.ShapeRecheck
-    shape_specific: str | None = None
     #: The ``module.compile()`` call of each traced-through module (``None``: not compiled).
     #: Generated code calls a compiled module as a module, so compiling or uncompiling one
     #: needs a new graph.
@@ -223,7 +235,7 @@ class GuardSet:
         if key == tuple(self.shapes.values()) or key in self.accepted:
             return None
         if self.recheck is None:
-            return f"input shapes {key} != {tuple(self.shapes.values())} ({self.shape_specific})"
+            return f"input shapes {key} != {tuple(self.shapes.values())}"
         failure = self.recheck.first_failure(inputs)
         if failure is None:
             self.accepted.add(key)

@@ -15,7 +15,9 @@ for caches such as lists of tensors that look like data). Every object inside a 
 * a **stateful leaf** is the innermost module called with a cache value, or whose
   ``forward`` has a cache argument: it is recorded as one ``call_module`` node and runs
   eagerly. Innermost means no child module could be handed the cache: every child is a
-  built-in layer or takes a single argument;
+  built-in layer or takes a single argument. A call that passes ``None`` for every cache
+  argument, each the name of one of the call's caches, runs the module's cache-free path
+  (a grafted copy of a block run without caches): ordinary code, traced through;
 * a **cache helper** is a method, other than ``forward``, called with a cache value (or
   with a named cache argument): it is recorded as one ``call_method`` node and runs
   eagerly, unless it is part of the model's computation: a method that calls the
@@ -152,14 +154,36 @@ class TracePolicy:
     def takes_cache(self, fn: object) -> bool:
         return bool(self.cache_arguments & _parameter_names(fn))
 
-    def is_leaf(self, module: nn.Module, qualname: str, receives_cache: bool = False) -> bool:
-        """Whether ``module`` is recorded as one opaque call; ``receives_cache``: this call hands it cache state."""
+    def is_leaf(self, module: nn.Module, qualname: str, receives_cache: bool = False,
+                cache_free: bool = False) -> bool:
+        """Whether ``module`` is recorded as one opaque call; ``receives_cache``: this call hands it
+        cache state; ``cache_free``: this call runs its cache-free path (see :meth:`cache_free`)."""
         if _is_torch_builtin(module) or _is_peft_layer(module) or self.named_leaf(qualname):
             return True
-        if not (receives_cache or self.takes_cache(type(module).forward)):
+        if not (receives_cache or self.takes_cache(type(module).forward)) or (cache_free and not receives_cache):
             return False
         # Innermost: no child could be handed the cache, so the block around it stays visible.
         return not any(self._may_take_cache(child) for child in module.children())
+
+    def cache_free(self, module: nn.Module, args: tuple, kwargs: Mapping[str, Any], caches: Iterable[str]) -> bool:
+        """Whether a call passes ``None`` (given or by default) for every cache argument of
+        ``module.forward``, each of them the name of a cache of the example call (``caches``).
+
+        Such a call hands the module no state: it runs the module's cache-free path (a copy of
+        a block run without caches), which is ordinary code, traced through so that its Python
+        decisions become guards. A name no cache of the call goes by (``attention_mask`` named
+        to keep attention opaque) keeps its taker a leaf by signature.
+        """
+        fn = type(module).forward
+        names = self.cache_arguments & _parameter_names(fn)
+        if not names or not names <= frozenset(caches):
+            return False
+        try:
+            bound = inspect.signature(fn).bind(module, *args, **kwargs)
+        except TypeError:
+            return False
+        bound.apply_defaults()
+        return all(bound.arguments.get(name) is None for name in names)
 
     def named_leaf(self, qualname: str) -> bool:
         """Whether ``extra_leaves`` names ``qualname`` (exactly or through a ``*`` pattern)."""

@@ -11,7 +11,9 @@ branches and so build the same graph; the specialisation is reused.
 The decisions at the end of the model (``for u in x`` over the head's output) depend on
 every block. Identical blocks are replays of one template, so an instance whose inputs
 have the metadata an earlier instance of the same template had gets that instance's output
-metadata without running again: the recheck runs one block per template, not thirty.
+metadata and decisions without running again: the recheck runs one block per template, not
+thirty. (A replayed copy records the template's decisions on its own nodes, so a copy whose
+inputs differ from every earlier instance's re-derives them itself.)
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ from .twin import compiled_code_runs_eagerly, fake_inputs, fake_mode_of, is_fake
 
 class _Unkeyable(Exception):
     pass
+
+
+_UNSET = object()
 
 
 def _meta_key(value: Any) -> Any:
@@ -142,6 +147,11 @@ class ShapeRecheck:
                 for instance in self.starts.get(node, ()):
                     if self._reuse(instance, env, seen):
                         skip.update(instance.nodes)
+                        # Its decisions are the earlier instance's: same template, same inputs.
+                        for inside in instance.nodes:
+                            failure = self._compare(checks.pop(inside, ()), env.get(inside, _UNSET))
+                            if failure is not None:
+                                return failure
                         break
                 if node in skip:
                     continue
@@ -150,21 +160,31 @@ class ShapeRecheck:
                 except Exception as error:  # the new shapes break an op the old branch chose
                     return f"re-deriving the traced decisions failed at {node.name} ({type(error).__name__}: " \
                            f"{str(error).splitlines()[0] if str(error) else ''})"
-                for item in checks.pop(node, ()):
-                    try:
-                        actual = CONVERSIONS[item.convert](env[node])
-                    except Exception as error:
-                        return f"`{item.guard.expr}` at {item.guard.where}: {type(error).__name__}"
-                    if actual != item.value:
-                        return f"`{item.guard.expr}` at {item.guard.where}: {actual!r} != traced {item.value!r}"
+                failure = self._compare(checks.pop(node, ()), env[node])
+                if failure is not None:
+                    return failure
         if checks:
             item = next(iter(checks.values()))[0]
             return f"`{item.guard.expr}` at {item.guard.where}: not re-derived"
         return None
 
     @staticmethod
+    def _compare(items: Iterable[Concretisation], value: Any) -> str | None:
+        """``None`` if ``value`` gives each of the traced values ``items`` took from it."""
+        for item in items:
+            if value is _UNSET:
+                return f"`{item.guard.expr}` at {item.guard.where}: not re-derived"
+            try:
+                actual = CONVERSIONS[item.convert](value)
+            except Exception as error:
+                return f"`{item.guard.expr}` at {item.guard.where}: {type(error).__name__}"
+            if actual != item.value:
+                return f"`{item.guard.expr}` at {item.guard.where}: {actual!r} != traced {item.value!r}"
+        return None
+
+    @staticmethod
     def _reuse(instance: _Instance, env: dict, seen: dict) -> bool:
-        """Take ``instance``'s outputs from an earlier instance with the same input metadata."""
+        """Take ``instance``'s values from an earlier instance with the same input metadata."""
         try:
             key = (instance.group, tuple((i, _meta_key(env[n])) for i, n in instance.externals))
         except (_Unkeyable, KeyError):
@@ -172,8 +192,9 @@ class ShapeRecheck:
         earlier = seen.setdefault(key, instance)
         if earlier is instance or any(earlier.nodes[i] not in env for i, _ in instance.outputs):
             return False
-        for i, node in instance.outputs:
-            env[node] = env[earlier.nodes[i]]
+        for node, same in zip(instance.nodes, earlier.nodes):
+            if same in env:
+                env[node] = env[same]
         return True
 
 

@@ -42,9 +42,10 @@ from torch.fx._symbolic_trace import (
 )
 
 from ..errors import TraceError
-from .guards import GRAD_MODE, Field, Guard, structure
-from .policy import CacheValues, TracePolicy, is_cache_value
-from .twin import FACTORY_NAMES, compiled_code_runs_eagerly, fake_mode_of, is_fake, run_factory
+from .guards import GRAD_MODE, Field, Guard, structure, watched
+from .policy import CacheValues, TracePolicy, _is_peft_layer, _is_torch_builtin, is_cache_value
+from .twin import (FACTORY_NAMES, compiled_call, compiled_code_runs_eagerly, fake_mode_of, is_compiled_function,
+                   is_fake, run_factory)
 
 _MISSING = object()
 _is_grad_enabled = torch.is_grad_enabled
@@ -53,6 +54,8 @@ _META_METHODS = frozenset({"size", "dim", "numel", "nelement", "get_device", "is
                            "is_complex", "element_size"})
 _CONCRETISING_METHODS = frozenset({"item"})
 _FACTORY_IDS = frozenset(id(getattr(torch, name)) for name in FACTORY_NAMES)
+_TENSOR_FROM_DATA = (torch.tensor, torch.as_tensor)  # before tracing patches them
+_HIDDEN = "_surgery_watched"  # where a traced module's plain attributes wait (see _attributes_watched)
 _ENGINE_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                 os.path.dirname(os.path.abspath(torch.__file__)))
 
@@ -62,8 +65,12 @@ class ConcreteProxy(fx.Proxy):
 
     ``tainted`` means the value depends on tensor data; ``deps`` are the input and model
     properties an untainted value was derived from; ``meta_deps`` the same for a tensor's
-    shape, dtype and device; ``path`` locates a value inside a container input.
+    shape, dtype and device; ``path`` locates a value inside a container input; ``ints``:
+    for an integer tensor built from Python ints (``torch.tensor(u.shape[2:])``, a stack of
+    those), the values it was built from (see :func:`_int_source`).
     """
+
+    ints: Any = None
 
     def __init__(self, node: fx.Node, tracer: "ExampleTracer", concrete: Any = _MISSING,
                  tainted: bool = False, deps: frozenset = frozenset(),
@@ -136,6 +143,72 @@ def _concrete(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class _IntRow:
+    """A Python sequence of ints (a ``torch.Size``) a tensor was built from, as one proxy."""
+
+    proxy: ConcreteProxy
+
+
+def _int_values(value: Any) -> Any:
+    """The ints (proxies of ints, int sequences) ``value`` is made of, or ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, ConcreteProxy):
+        concrete = value.concrete
+        if value.tainted or isinstance(concrete, bool):
+            return None
+        if isinstance(concrete, int):
+            return value
+        if isinstance(concrete, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) for v in concrete):
+            return _IntRow(value)
+        return None
+    if isinstance(value, (tuple, list)):
+        items = [_int_values(v) for v in value]
+        return None if any(item is None for item in items) else items
+    return None
+
+
+def _int_source(target: Any, args: tuple, kwargs: dict, value: Any) -> Any:
+    """What an integer tensor was built from, when it holds exactly those Python ints:
+    ``torch.tensor(ints)``, ``torch.as_tensor(ints)``, ``torch.stack`` of such tensors, an
+    item of one (``seq_lens[0]``)."""
+    if not isinstance(value, torch.Tensor) or is_fake(value) or value.is_floating_point() or value.is_complex() \
+            or value.dtype == torch.bool:
+        return None
+    if target in _TENSOR_FROM_DATA and len(args) == 1:
+        source = _int_values(args[0])
+    elif target is operator.getitem and isinstance(args[0], ConcreteProxy) and isinstance(args[0].ints, list) \
+            and type(args[1]) is int and -len(args[0].ints) <= args[1] < len(args[0].ints):
+        source = args[0].ints[args[1]]
+    elif target is torch.stack and isinstance(args[0], (tuple, list)) and len(args) + len(kwargs) == 1 \
+            and all(isinstance(p, ConcreteProxy) and p.ints is not None for p in args[0]):
+        source = [p.ints for p in args[0]]
+    else:
+        return None
+    return source if _ints_concrete(source) == value.tolist() else None
+
+
+def _ints_concrete(source: Any) -> Any:
+    if isinstance(source, _IntRow):
+        return list(source.proxy.concrete)
+    if isinstance(source, list):
+        return [_ints_concrete(item) for item in source]
+    return source.concrete if isinstance(source, ConcreteProxy) else source
+
+
+def _expand_ints(source: Any) -> Any:
+    """``.tolist()`` of a tensor built from ``source``: lists of int proxies, read from the
+    sequences they came from (``u.shape[2:][0]``), their lengths guarded as shape."""
+    if isinstance(source, _IntRow):
+        return [source.proxy[i] for i in range(len(source.proxy))]
+    if isinstance(source, list):
+        return [_expand_ints(item) for item in source]
+    return source
+
+
 def _proxies(value: Any) -> Iterator[ConcreteProxy]:
     if isinstance(value, ConcreteProxy):
         yield value
@@ -172,7 +245,8 @@ class Template:
     traced_modules: list[str]
     leaf_calls: dict[str, list[str]]
     notes: int
-    concretised: int = 0
+    attributes_read: list[tuple[str, str]]
+    concretised: list["Concretisation"] = field(default_factory=list)  # decisions taken inside the call
 
 
 @dataclass
@@ -203,7 +277,6 @@ class Trace:
     leaf_calls: dict[str, list[str]]
     seconds: float
     concretised: list[Concretisation] = field(default_factory=list)
-    shape_specific: str | None = None
 
 
 def user_frame() -> tuple[str, int, str]:
@@ -239,6 +312,7 @@ class ExampleTracer(fx.Tracer):
         # Objects inside the example's caches, and the leaf decision for each module
         # being called (it depends on what the call hands the module).
         self.cache_values = CacheValues()
+        self._cache_inputs: set[str] = set()  # the names of the example call's caches
         self._leaf_decisions: dict[int, bool] = {}
         self._leaf_names: set[str] = set()
         self._failed_eagerly = False
@@ -246,8 +320,8 @@ class ExampleTracer(fx.Tracer):
         self._templates: dict[tuple, Template] = {}
         self._object_attrs: dict[int, str] = {}
         self.concretised: list[Concretisation] = []
-        # Why this trace cannot be reused for other input shapes (None: it can).
-        self.shape_specific: str | None = None
+        # Plain module attributes the traced code read, as (module path, name): guards.
+        self.attributes_read: list[tuple[str, str]] = []
         self.fake_mode = None
 
     # ----- proxies -----------------------------------------------------------------
@@ -269,11 +343,18 @@ class ExampleTracer(fx.Tracer):
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,
                      proxy_factory_fn=None):  # noqa: D401 - fx signature
+        if kind == "call_method" and target == "item" and isinstance(args[0], ConcreteProxy) \
+                and isinstance(args[0].ints, (int, ConcreteProxy)) and not args[0].tainted:
+            return args[0].ints  # the int the tensor was built from: graph arithmetic, no constant
         if kind == "call_method" and target in _CONCRETISING_METHODS:
             receiver = args[0]
             value = getattr(receiver.concrete, target)(*_concrete(args[1:]), **_concrete(kwargs))
             return self.concretise(receiver, value, f".{target}()", target)
         if kind == "call_method" and target == "tolist" and isinstance(args[0], ConcreteProxy) and not args[0].tainted:
+            if args[0].ints is not None:
+                # The ints the tensor was built from: no tensor-to-Python conversion in the
+                # graph, which would split a compiled graph (dynamo cannot trace it).
+                return _expand_ints(args[0].ints)
             return self._symbolic_list(super().create_proxy(kind, target, args, kwargs, name, type_expr), args)
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr)
         if kind == "placeholder":
@@ -292,6 +373,8 @@ class ExampleTracer(fx.Tracer):
             else:
                 value = _MISSING
         self._propagate(proxy, kind, target, args, kwargs, value)
+        if kind == "call_function" and not proxy.tainted:
+            proxy.ints = _int_source(target, args, kwargs, value)
         return proxy
 
     def _symbolic_list(self, proxy: ConcreteProxy, args: tuple) -> Any:
@@ -373,6 +456,7 @@ class ExampleTracer(fx.Tracer):
             # A cache input: its objects are recognised wherever the model passes them on.
             self.policy = self.policy.for_example({name: value})
             self.cache_values.add(value)
+            self._cache_inputs.add(name)
         proxy = self.create_proxy("placeholder", name, (), {})
         proxy.concrete = value
         proxy.node.meta["example_value"] = value
@@ -464,8 +548,10 @@ class ExampleTracer(fx.Tracer):
 
     def _decide_leaf(self, m: nn.Module, qualname: str, args: tuple, kwargs: dict) -> bool:
         """Leaf or not for this call: by role, and by whether the call hands ``m`` cache state."""
-        receives = self.cache_values.within(_concrete((*args, *kwargs.values())))
-        leaf = self.policy.is_leaf(m, qualname, receives_cache=receives)
+        args, kwargs = _concrete(args), _concrete(kwargs)
+        receives = self.cache_values.within((*args, *kwargs.values()))
+        cache_free = not receives and self.policy.cache_free(m, args, kwargs, self._cache_inputs)
+        leaf = self.policy.is_leaf(m, qualname, receives_cache=receives, cache_free=cache_free)
         self._leaf_decisions[id(m)] = leaf
         if leaf:
             self._leaf_names.add(qualname)
@@ -490,6 +576,7 @@ class ExampleTracer(fx.Tracer):
         start, deps_before = len(self._created), set(self.deps)
         leaf_before = {k: len(v) for k, v in self.leaf_calls.items()}
         notes_before, concretised_before = len(self.notes), len(self.concretised)
+        read_before = len(self.attributes_read)
         call.output = super().call_module(m, forward, args, kwargs)
         call.nodes = self._created[start:]
         if key is not None and all(len(d[1]) == 1 for d in self.deps - deps_before if d[0] == "input"):
@@ -497,7 +584,7 @@ class ExampleTracer(fx.Tracer):
             self._templates[key] = Template(call, self.traced_modules[:],
                                             {k: v[leaf_before.get(k, 0):] for k, v in self.leaf_calls.items()},
                                             len(self.notes) - notes_before,
-                                            len(self.concretised) - concretised_before)
+                                            self.attributes_read[read_before:], self.concretised[concretised_before:])
         return call.output
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
@@ -508,10 +595,6 @@ class ExampleTracer(fx.Tracer):
     def _replay(self, template: "Template", module: nn.Module, qualname: str, args: tuple, kwargs: dict) -> Any:
         """Copy a template call's subgraph for an identical module at another path."""
         source = template.call
-        if template.concretised and self.shape_specific is None:
-            # The copy repeats decisions taken for the template's inputs; only equal
-            # input metadata makes them right, so this trace is tied to its shapes.
-            self.shape_specific = f"{qualname} replays {source.qualname}, whose Python branched on its inputs"
         env: dict[fx.Node, fx.Node] = {}
         for old, new in zip(_proxies((source.args, source.kwargs)), _proxies((args, kwargs))):
             env[old.node] = new.node
@@ -543,6 +626,10 @@ class ExampleTracer(fx.Tracer):
         call = ModuleCall(qualname, module, args, kwargs, depth=len(self.module_stack), index=len(self.calls),
                           template=source.template or source)
         call.nodes = [env[n] for n in source.nodes]
+        # The copy repeats the template's decisions, right for its inputs' traced metadata:
+        # recorded on the copy's nodes, a call with new shapes re-derives them for it too.
+        self.concretised += [dataclasses.replace(item, node=env.get(item.node, item.node))
+                             for item in template.concretised]
         call.output = _map_proxies(source.output, lambda p: _clone_proxy(p, env.get(p.node, p.node), self))
         self.calls.append(call)
         for name in template.traced_modules:
@@ -552,6 +639,8 @@ class ExampleTracer(fx.Tracer):
         for leaf, used in template.leaf_calls.items():
             if leaf.startswith(old_prefix):
                 self.leaf_calls.setdefault(retarget(leaf), []).extend(retarget(u) for u in used)
+        self.attributes_read += [(_retarget_path(path, source.qualname, qualname), attr)
+                                 for path, attr in template.attributes_read]
         return call.output
 
     def create_arg(self, a: Any) -> Any:
@@ -604,12 +693,12 @@ class ExampleTracer(fx.Tracer):
         inputs_nodes = {n: p.node for n, p in proxies.items() if p is not None}
         return Trace(self.graph, root_proxy.node, inputs_nodes, self.calls, set(self.deps), list(self.notes),
                      list(self.traced_modules), dict(self.leaf_calls), time.perf_counter() - started,
-                     self.concretised, self.shape_specific)
+                     self.concretised)
 
     @contextmanager
     def patched(self, fn: Any = None) -> Iterator[None]:
         """Intercept module calls, parameter reads and autowrapped functions."""
-        with _new_patcher() as patcher:
+        with _new_patcher() as patcher, self._attributes_watched():
             # Positional-only: a model may pass keywords named ``mod`` or ``attr`` itself.
             def module_getattr(mod: nn.Module, attr: str, /) -> Any:
                 return self._module_getattr(mod, attr)
@@ -626,11 +715,34 @@ class ExampleTracer(fx.Tracer):
                 patcher.patch(torch.__dict__, name, self._recording(getattr(torch, name)))
             patcher.patch(torch.__dict__, "is_grad_enabled", lambda: self._grad_mode_read())
             _patch_wrapped_functions(patcher)
-            _autowrap_check(patcher, getattr(fn, "__globals__", {}), self._autowrap_function_ids)
+            self._patcher = patcher
+            self._compiled_seen: set[int] = set()
+            self._wrap_globals(getattr(fn, "__globals__", {}))
             for module in self._autowrap_search:
                 _autowrap_check(patcher, module.__dict__, self._autowrap_function_ids)
-            self._patcher = patcher
             yield
+
+    def _wrap_globals(self, namespace: dict) -> None:
+        """Record calls of the functions in the model code's ``namespace``: autowrapped ones
+        (``math``) and ``torch.compile``d ones, each as one node, as a leaf is."""
+        _autowrap_check(self._patcher, namespace, self._autowrap_function_ids)
+        if id(namespace) in self._compiled_seen:
+            return
+        self._compiled_seen.add(id(namespace))
+        for name, value in list(namespace.items()):
+            if is_compiled_function(value):
+                self._patcher.patch(namespace, name, self._recording_compiled(value))
+
+    def _recording_compiled(self, compiled: Any) -> Any:
+        # A compiled function's Python (flex attention's checks and higher-order op) is no
+        # model code: it runs on the example values, as the compiled call does at run time.
+        target = compiled_call(compiled)
+
+        def record(*args: Any, **kwargs: Any) -> Any:
+            if self._concrete_depth or next(_proxies((args, kwargs)), None) is None:
+                return compiled(*args, **kwargs)
+            return _structured(self.create_proxy("call_function", target, args, kwargs))
+        return record
 
     def _grad_mode_read(self) -> bool:
         """``torch.is_grad_enabled()`` read by model code (a gradient-checkpointing branch):
@@ -662,14 +774,40 @@ class ExampleTracer(fx.Tracer):
             raise self._explain(error) from error
 
     def _module_getattr(self, mod: nn.Module, attr: str) -> Any:
+        hidden = mod.__dict__.get(_HIDDEN)
+        if hidden is not None and attr in hidden:
+            if not self._concrete_depth:  # (a leaf's own reads run again at every call)
+                self.attributes_read.append((self.submodule_paths[mod], attr))
+            return hidden[attr]
         return self.getattr(attr, _orig_module_getattr(mod, attr), {})
+
+    @contextmanager
+    def _attributes_watched(self) -> Iterator[None]:
+        """Move the twin's watched plain attributes out of the modules' ``__dict__`` while
+        tracing: each read then reaches ``nn.Module.__getattr__``, which records it, so only
+        the attributes traced code reads become guards."""
+        moved: list[tuple[nn.Module, dict[str, Any]]] = []
+        for module in self.submodule_paths:
+            if _HIDDEN in module.__dict__ or _is_torch_builtin(module) or _is_peft_layer(module):
+                continue
+            names = [attr for attr in module.__dict__ if watched(module, attr)]
+            if names:
+                hidden = {attr: module.__dict__.pop(attr) for attr in names}
+                module.__dict__[_HIDDEN] = hidden
+                moved.append((module, hidden))
+        try:
+            yield
+        finally:
+            for module, hidden in moved:
+                del module.__dict__[_HIDDEN]
+                for attr, value in hidden.items():
+                    module.__dict__.setdefault(attr, value)  # unless the model set it anew
 
     def _module_call(self, mod: nn.Module, /, *args: Any, **kwargs: Any) -> Any:
         def forward(*a: Any, **k: Any) -> Any:
             return _orig_module_call(mod, *a, **k)
         if not self._concrete_depth:
-            _autowrap_check(self._patcher, getattr(getattr(mod, "forward", mod), "__globals__", {}),
-                            self._autowrap_function_ids)
+            self._wrap_globals(getattr(getattr(mod, "forward", mod), "__globals__", {}))
         return self.call_module(mod, forward, args, kwargs)
 
     @contextmanager
@@ -826,10 +964,11 @@ def module_key(module: nn.Module) -> tuple:
     parts = []
     for name, sub in module.named_modules():
         params = tuple((n, tuple(p.shape), p.dtype) for n, p in sub.named_parameters(recurse=False))
-        attrs = tuple((k, v) for k, v in vars(sub).items()
+        plain = {**vars(sub), **vars(sub).get(_HIDDEN, {})}  # while tracing, too
+        attrs = tuple((k, v) for k, v in plain.items()
                       if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None))))
         # Per-instance code (a patched forward, hooks) makes two same-class modules differ.
-        code = tuple((k, id(v)) for k, v in vars(sub).items() if callable(v) and not isinstance(v, nn.Module))
+        code = tuple((k, id(v)) for k, v in plain.items() if callable(v) and not isinstance(v, nn.Module))
         hooks = tuple(id(h) for key in ("_forward_hooks", "_forward_pre_hooks")
                       for h in getattr(sub, key, {}).values())
         parts.append((name, type(sub), params, attrs, code, hooks))

@@ -16,8 +16,10 @@ could not promise.
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Any, Callable, Iterator
 
 import torch
@@ -193,3 +195,24 @@ def compiled_code_runs_eagerly() -> Iterator[None]:
             return
         with set_stance("force_eager"):
             yield
+
+
+def is_compiled_function(value: Any) -> bool:
+    """Whether ``value`` is a function wrapped by ``torch.compile`` (not a disabled one)."""
+    return inspect.isfunction(value) and "_torchdynamo_orig_callable" in value.__dict__ \
+        and not value.__dict__.get("_torchdynamo_disable", False)
+
+
+@lru_cache(maxsize=None)
+def compiled_call(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """The graph target for calls of a ``torch.compile``d function: it calls ``compiled``.
+
+    fx would write a target that copies a torch function's ``__module__`` and ``__name__``
+    (``torch.compile(flex_attention)``) as that torch function, uncompiled; this one is
+    referenced as itself, so generated code calls the compiled function as the model does.
+    """
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return compiled(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = f"compiled_{getattr(compiled, '__name__', 'function')}"
+    return call
