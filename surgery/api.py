@@ -90,7 +90,8 @@ def check_order(model: nn.Module, rule: Rule) -> None:
     names = [r.name for r in earlier]
     owner = peft_owner(model)
     if owner is not None:
-        order = f"surgery runs in the order {build_order(*names, rule.name)}"
+        asked = [*names, rule.name] if rule.name not in names else names
+        order = f"surgery runs in the order {build_order(*asked)}"
         raise OrderError(f"the model is already LoRA-wrapped ({owner[0]} is {owner[1]}); {order}",
                          "apply surgery to the base model first, then wrap the result with PEFT")
     order = f"surgery runs in the order {build_order(*(names or [rule.name]))}"

@@ -335,6 +335,21 @@ def test_vace_then_ffn_adapter_zero_adapter_equals_vace_alone(longlive):
     assert compare(alone, run_stream(base, pipeline, **STREAM)) > 0  # VACE is on
 
 
+def test_ffn_adapter_then_vace_zero_adapter_equals_vace_alone(longlive):
+    """The other order: VACE's blocks are rebuilt from a block that now carries an adapter, and
+    still get none (a graft is no constructor argument)."""
+    pipeline, base, _, first, _, context = longlive
+    call = example_call(base, pipeline)
+    adapted = surgery.apply(base, ffn_adapter.rule(bottleneck_dim=4), example_inputs=call)
+    composed = surgery.apply(adapted.module, vace.rule(), example_inputs=call)
+    assert [r.name for r in composed.module.surgery_state.rules] == ["ffn-adapter", "vace"]
+    assert not any("adapter" in name for name, _ in composed.module.vace_blocks.named_modules())
+    composed.module.load_state_dict({k: v for k, v in first.module.state_dict().items() if k.startswith("vace_")},
+                                    strict=False)
+    assert compare(run_stream(composed.module, pipeline, vace_context=context, **STREAM),
+                   run_stream(first.module, pipeline, vace_context=context, **STREAM)) == 0.0
+
+
 def _adapter_weights(model: nn.Module, seed: int = 3) -> dict[str, torch.Tensor]:
     """Non-zero values for ``model``'s adapters, by native key."""
     gen = torch.Generator().manual_seed(seed)
