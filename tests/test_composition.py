@@ -206,6 +206,17 @@ def test_a_later_rule_matches_the_base_graph_not_the_earlier_rules_grafts():
     assert _exact(halved.module(x), adapted.module(x)) > 0
 
 
+def test_a_dry_run_on_a_rewritten_model_reports_every_rule_and_builds_nothing():
+    base = _net()
+    first = _apply(base, _rule("gain", BLOCK, [(Where.AFTER_EACH, _gain_after("gain"))], _gains("gain")))
+    dry = _apply(first.module, _rule("tilt", BLOCK, [(Where.AFTER_EACH, _gain_after("tilt"))], _gains("tilt")),
+                 dry_run=True)
+    assert dry.module is first.module and dry.grafted == [] and not hasattr(first.module.blocks[0], "tilt")
+    report = build_report(dry)
+    assert [r["name"] for r in report["rules"]] == ["gain", "tilt"] and report["dry_run"]
+    assert report["build_order"] == "Base -> gain -> tilt -> LoRA"
+
+
 def test_call_inputs_of_both_rules_are_accepted_and_checked_by_their_own_rule():
     seen: list[tuple[str, dict]] = []
 

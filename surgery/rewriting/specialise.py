@@ -57,7 +57,6 @@ class Specialisation:
     replaced: dict[fx.Node, fx.Node] = field(default_factory=dict)  # injected value -> the value it replaced
     entry: str = "forward"  # the base method the graph was traced from
     base: fx.Graph | None = None  # the base graph, kept only where the rule dropped nodes (Where.REPLACE)
-    rule_matches: list[list[Match]] = field(default_factory=list)  # each rule's matches, in rule order
 
     def base_graph(self) -> fx.Graph:
         """The graph as traced, before the rule's actions (see :func:`without_rule`)."""
@@ -373,7 +372,7 @@ def finish(model: nn.Module, tracer: ExampleTracer, trace: Trace, result: MatchR
         compiled=compiled,
     )
     return Specialisation(guards, trace.graph, code, fn, list(trace.inputs), results[-1].matches, trace_s, rewrite_s,
-                          dict(tracer.leaf_calls), replaced, base=base, rule_matches=[r.matches for r in results])
+                          dict(tracer.leaf_calls), replaced, base=base)
 
 
 def add_modules(tracer: ExampleTracer, twin: nn.Module, modules: dict[str, nn.Module]) -> None:
