@@ -26,7 +26,7 @@ from examples.driver import compare, example_call, run_stream
 from examples.reference import CausalVaceWanModel, load_vace_state_dict, random_vace_state_dict
 from rules import ffn_adapter, vace
 from rules.ffn_adapter import BottleneckAdapter
-from surgery.errors import GraftError, OrderError, RuleError
+from surgery.errors import GraftError, InputError, OrderError, RuleError
 from surgery.matching.pattern import FEED_FORWARD, Pattern, feed_forward, shape_preserving
 from surgery.reports import build_report, render_markdown, write_report
 from surgery.rule import Rule, Site, Where
@@ -445,6 +445,20 @@ def test_validate_compares_a_composed_model_with_the_references_composed(longliv
                                                                    example_inputs=call)
               if case.name == "vace+ffn-adapter-on").run()
     assert not on.passed and on.max_abs_diff > 0
+
+
+def test_validation_refuses_a_rewritten_model_as_the_base(longlive):
+    """The composed reference is built from model=; a rewritten one there would get VACE twice."""
+    pipeline, base, _, _, _, _ = longlive
+    call = example_call(base, pipeline)
+    first = surgery.apply(base, vace.rule(), example_inputs=call)
+    second = surgery.apply(first.module, ffn_adapter.rule(bottleneck_dim=4), example_inputs=call)
+    for check in (surgery.validation.validate, surgery.validation.validation_cases):
+        with pytest.raises(InputError) as caught:
+            check(second, model=first.module, pipeline=pipeline, example_inputs=call)
+        assert "model= is already rewritten (by 'vace'), not the base model; fix: pass model= the base" \
+            in str(caught.value)
+        assert "\n" not in str(caught.value)
 
 
 def test_validation_refuses_a_later_rule_without_a_reference(longlive):

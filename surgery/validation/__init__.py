@@ -22,7 +22,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..errors import SurgeryError
+from ..errors import InputError, SurgeryError
+from ..lora.order import applied_rules
 from .cases import Case, CaseResult, Session, build_cases, default_scales, detached, seeded_weights
 from .graphs import GraphComparison, GraphDifference, compare_graphs
 from .reference_trace import trace_reference
@@ -57,6 +58,15 @@ def _discovered(result: Any, model: nn.Module, pipeline: Any, example_inputs: tu
     return with_rule_reference(found, result)
 
 
+def _refuse_rewritten(model: nn.Module) -> None:
+    # A composed model's reference is built from the base: a rewritten model there would
+    # get every rule applied twice, and the cases would compare the wrong models.
+    rules = applied_rules(model)
+    if rules:
+        raise InputError(f"model= is already rewritten (by {', '.join(map(repr, rules))}), not the base model",
+                         "pass model= the base model the first surgery.apply started from")
+
+
 def validation_cases(result: Any, *, model: nn.Module, pipeline: Any = None,
                      example_inputs: tuple[tuple, dict] | None = None,
                      harness: Harness | None = None) -> list[Case]:
@@ -76,6 +86,7 @@ def validation_cases(result: Any, *, model: nn.Module, pipeline: Any = None,
     Raises:
         InputError: no reference is known for the model, or ``result`` is a dry run.
     """
+    _refuse_rewritten(model)
     harness = harness or _discovered(result, model, pipeline, example_inputs)
     return build_cases(Session(result, model, harness, example_inputs))
 
@@ -86,6 +97,7 @@ def validate(result: Any, *, model: nn.Module, pipeline: Any = None,
 
     A :class:`~surgery.errors.SurgeryError` (bad input, not a validation finding) propagates.
     """
+    _refuse_rewritten(model)
     harness = harness or _discovered(result, model, pipeline, example_inputs)
     session = Session(result, model, harness, example_inputs)
     results = []
