@@ -22,6 +22,7 @@ from .rewriting.specialise import add_modules, finish, match, prune_resolved, tr
 from .rule import GraftContext, Rule, combined_inputs
 from .tracing.guards import Guard
 from .tracing.twin import share_tree
+from .weights.keys import under_prefixes
 
 #: ``graft_init`` values: zeros (weights are loaded afterwards) or each module's own init.
 GRAFT_INITS = ("zeros", "default")
@@ -99,8 +100,7 @@ def check_order(model: nn.Module, rule: Rule) -> None:
         raise OrderError(f"the model was already rewritten by rule '{rule.name}'",
                          f"apply each rule once, starting from the original base model; {order}")
     check_sequence(earlier, rule)
-    prefixes = tuple(rule.weight_prefixes)
-    carried = [n for n, _ in model.named_parameters() if prefixes and n.startswith(prefixes)]
+    carried = [n for n, _ in model.named_parameters() if under_prefixes(n, rule.weight_prefixes)]
     if carried:
         raise OrderError(f"the model already carries {rule.name} modules ({carried[0]}, ...)",
                          f"start from the base model without {rule.name}; {order}")

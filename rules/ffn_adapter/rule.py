@@ -6,6 +6,10 @@ activation -> Linear``), every one at any depth, so one adapter goes after the F
 block. Each adapter is grafted beside its FFN, at ``<ffn path>_adapter`` (``blocks.3.ffn`` ->
 ``blocks.3.ffn_adapter``), so its weights have native keys in the block's own namespace; the
 action adds its output to the FFN's: ``y + up(act(down(y)))``.
+
+Its weights load with :func:`surgery.weights.load_rule_weights` (or ``--weights``) by the
+pattern :data:`WEIGHT_PREFIXES`, the adapters of FFNs at ``<list>.<index>.ffn`` (the usual
+transformer layout, every stand-in's): one pattern part stands for the block index.
 """
 from __future__ import annotations
 
@@ -20,9 +24,11 @@ from surgery.tracing.policy import TracePolicy
 
 from .adapter import build_adapter
 from .config import FfnAdapterConfig
-from .reference import adapter_path, first_linear, reference
+from .reference import SUFFIX, adapter_path, first_linear, reference
 
 NAME = "ffn-adapter"
+#: The state_dict prefixes of the grafted adapters (``*``: any one name part, e.g. a block index).
+WEIGHT_PREFIXES = ("*.*.ffn" + SUFFIX + ".",)
 
 
 def rule(bottleneck_dim: int = 16, activation: str = "gelu", layers: Optional[Sequence[int]] = None,
@@ -75,6 +81,7 @@ def rule(bottleneck_dim: int = 16, activation: str = "gelu", layers: Optional[Se
         check_call=check_call,
         trace_policy=TracePolicy(),
         count_option="num_ffns",
+        weight_prefixes=WEIGHT_PREFIXES,
         reference=reference(config),
     )
 

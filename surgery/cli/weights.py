@@ -22,6 +22,7 @@ from torch import nn
 
 from surgery.errors import InputError, WeightsError
 from surgery.weights.files import resolve_checkpoint
+from surgery.weights.keys import under_prefixes
 
 KeyMaps = Mapping[str, Any]
 
@@ -79,7 +80,7 @@ def _rule_fits(module: nn.Module, names: list[str], table: Any, rule: Any) -> bo
     from surgery.weights.keys import select_keys
 
     prefixes = _prefixes(rule)
-    wanted = {k for k in module.state_dict() if prefixes and k.startswith(prefixes)}
+    wanted = {k for k in module.state_dict() if under_prefixes(k, prefixes)}
     selection = select_keys(names, strip_prefixes=DEFAULT_STRIP_PREFIXES, key_map=table, keep_prefixes=prefixes)
     return bool(wanted) and set(selection.selected) == wanted
 
@@ -88,7 +89,7 @@ def _base_fits(module: nn.Module, names: list[str], table: Any, rule: Any) -> bo
     from surgery.weights import base_keys
 
     prefixes = _prefixes(rule)
-    wanted = {k for k in module.state_dict() if not (prefixes and k.startswith(prefixes))}
+    wanted = {k for k in module.state_dict() if not under_prefixes(k, prefixes)}
     return bool(wanted) and set(base_keys(names, key_map=table, rule_prefixes=prefixes)) == wanted
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from surgery.errors import MatchError
 from surgery.lora.order import peft_imported
+from surgery.weights.keys import under_prefixes
 
 BLOCKS_NAME = "blocks"
 
@@ -31,7 +32,7 @@ def _is_block_list(name: str, child: nn.Module, grafted: tuple[str, ...] = ()) -
     Usually an ``nn.ModuleList``; after ``torch.fx`` tracing the same path is a plain
     ``nn.Module`` holding ``"0"``, ``"1"``, ... so the structure, not the type, decides.
     """
-    if name.split(".")[-1] != BLOCKS_NAME or (grafted and f"{name}.".startswith(grafted)):
+    if name.split(".")[-1] != BLOCKS_NAME or under_prefixes(f"{name}.", grafted):
         return False
     names = [n for n, _ in child.named_children()]
     return bool(names) and sorted(names, key=lambda n: (len(n), n)) == [str(i) for i in range(len(names))]

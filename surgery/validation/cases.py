@@ -41,6 +41,7 @@ import torch.nn as nn
 
 from ..errors import InputError, SurgeryError
 from ..tracing.twin import share_tree
+from ..weights.keys import under_prefixes
 from .graphs import GraphComparison, compare_graphs
 from .reference_trace import trace_reference
 from .rule_reference import applied_rules, control_matches, validated_rule
@@ -175,7 +176,7 @@ class Session:
             base = self.model.state_dict(keep_vars=True)
             return {k: v for k, v in state.items() if k not in base}
         prefixes = tuple(self.rule.weight_prefixes) or tuple(f"{g.name}." for g in self.result.grafted)
-        return {k: v for k, v in state.items() if k.startswith(prefixes)}
+        return {k: v for k, v in state.items() if under_prefixes(k, prefixes)}
 
     def _grafted_swap(self) -> dict[str, torch.Tensor]:
         """Seeded weights to use instead of all-zero grafted ones ({} if they are trained)."""

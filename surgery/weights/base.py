@@ -23,7 +23,7 @@ from torch import nn
 
 from surgery.errors import WeightsError
 from surgery.weights.files import FLOAT_CODES, TensorEntry, resolve_checkpoint
-from surgery.weights.keys import KeyMap, select_keys
+from surgery.weights.keys import KeyMap, select_keys, under_prefixes
 from surgery.weights.loader import DEFAULT_STRIP_PREFIXES, _fit_error, _listing, load_weights
 from surgery.weights.report import LoadReport
 
@@ -39,14 +39,13 @@ def base_keys(
     rule_prefixes: Sequence[str] = (),
 ) -> dict[str, str]:
     """The base-model tensors among stored ``names``: model key -> stored name, the keys under
-    ``rule_prefixes`` (a rule's ``weight_prefixes``) left out.
+    ``rule_prefixes`` (a rule's ``weight_prefixes``, ``*`` parts included) left out.
 
     Empty for a file of the rule's weights alone. Two stored names that map to the same key are a
     :class:`WeightsError`.
     """
     selection = select_keys(names, strip_prefixes=strip_prefixes, key_map=key_map, keep_prefixes=("",))
-    grafted = tuple(rule_prefixes)
-    return {key: name for key, name in selection.selected.items() if not (grafted and key.startswith(grafted))}
+    return {key: name for key, name in selection.selected.items() if not under_prefixes(key, rule_prefixes)}
 
 
 def base_dtype(entries: Iterable[TensorEntry]) -> torch.dtype | None:
@@ -56,8 +55,7 @@ def base_dtype(entries: Iterable[TensorEntry]) -> torch.dtype | None:
 
 
 def _model_base(module: nn.Module, rule_prefixes: Sequence[str]) -> dict[str, torch.Tensor]:
-    grafted = tuple(rule_prefixes)
-    return {k: t for k, t in module.state_dict(keep_vars=True).items() if not (grafted and k.startswith(grafted))}
+    return {k: t for k, t in module.state_dict(keep_vars=True).items() if not under_prefixes(k, rule_prefixes)}
 
 
 def _check_fit(where: str, model: dict[str, torch.Tensor], base: Mapping[str, TensorEntry]) -> None:
@@ -96,7 +94,8 @@ def load_base_weights(
         path: a base checkpoint or a full one (its keys under ``rule_prefixes`` are counted
             as ignored), a ``*.safetensors.index.json``, or a directory holding either.
         rule_prefixes: the state_dict prefixes of the rule's grafted modules
-            (``Rule.weight_prefixes``), which a full checkpoint holds besides the base.
+            (``Rule.weight_prefixes``, ``*`` parts included), which a full checkpoint holds
+            besides the base, possibly inside base modules (``blocks.*.ffn_adapter.``).
         key_map, strip_prefixes, mmap: as for :func:`~surgery.weights.loader.load_weights`.
 
     Raises:
@@ -115,10 +114,11 @@ def load_base_weights(
                            "load it with load_rule_weights after surgery, and the base model's checkpoint here")
     model = _model_base(module, rule_prefixes)
     _check_fit(where, model, base)
-    # The base keys as load_weights' key filter: each top-level name (or a root-level key itself).
+    # The base keys as load_weights' key filter: each top-level name (or a root-level key itself),
+    # less the rule's keys, which may live under the same names (``blocks.*.ffn_adapter.``).
     top_level = tuple(sorted({k.split(".", 1)[0] + "." if "." in k else k for k in model}))
     return load_weights(module, path, prefixes=top_level, key_map=key_map, strip_prefixes=strip_prefixes,
-                        label="base", mmap=mmap)
+                        label="base", mmap=mmap, exclude=tuple(rule_prefixes))
 
 
 __all__ = ["MODEL_DTYPES", "base_dtype", "base_keys", "load_base_weights"]

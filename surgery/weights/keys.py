@@ -1,5 +1,9 @@
 """Key handling: prefix stripping, data-driven key maps, filtering to a rule's grafted modules.
 
+A rule's weight prefix (``Rule.weight_prefixes``) is a plain prefix (``vace_blocks.``) or a
+pattern in which a ``*`` part stands for any one dotted name part (``blocks.*.ffn_adapter.``:
+an adapter grafted inside every block); :func:`under_prefixes` is the one place that matches them.
+
 A key map is plain data: an ordered sequence of ``(pattern, replacement)`` pairs applied
 to every key in turn, each rule seeing the previous rule's output (the same semantics
 as diffusers' conversion tables). A pattern is a substring unless it starts with
@@ -11,12 +15,27 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from surgery.errors import RuleError, WeightsError
 
 KeyRule = tuple["str | re.Pattern[str]", str]
 KeyMap = Sequence[KeyRule]
 REGEX_PREFIX = "re:"
+#: A prefix part that stands for any one dotted name part.
+WILDCARD = "*"
+
+
+@lru_cache(maxsize=256)
+def _prefix_regex(prefix: str) -> "re.Pattern[str]":
+    # Part-wise, as TracePolicy.named_leaf matches its patterns; the last part may be a partial name.
+    return re.compile(r"\.".join("[^.]+" if part == WILDCARD else re.escape(part) for part in prefix.split(".")))
+
+
+def under_prefixes(key: str, prefixes: Sequence[str]) -> bool:
+    """Whether ``key`` starts with one of ``prefixes``, where a ``*`` part of a prefix matches any one
+    dotted name part (``blocks.*.ffn_adapter.`` holds ``blocks.3.ffn_adapter.up.weight``)."""
+    return any(_prefix_regex(p).match(key) if WILDCARD in p else key.startswith(p) for p in prefixes)
 
 
 def compile_key_map(key_map: KeyMap | None) -> list[Callable[[str], str]]:
@@ -76,7 +95,7 @@ def select_keys(
     key_map: KeyMap | None,
     keep_prefixes: Sequence[str],
 ) -> KeySelection:
-    """Strip prefixes, apply the key map, keep keys under ``keep_prefixes``.
+    """Strip prefixes, apply the key map, keep keys under ``keep_prefixes`` (``*`` parts: :func:`under_prefixes`).
 
     Two stored tensors that map to the same model key are an error: loading one of them
     silently would depend on file order.
@@ -86,7 +105,7 @@ def select_keys(
     dropped = 0
     for name in names:
         key = apply_key_map(strip_prefix(name, strip_prefixes), compiled)
-        if not key.startswith(tuple(keep_prefixes)):
+        if not under_prefixes(key, keep_prefixes):
             dropped += 1
             continue
         if key in selected:

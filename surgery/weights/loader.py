@@ -42,7 +42,7 @@ from surgery.weights.files import (
     torch_dtype,
 )
 from surgery.weights.checks import ValueCheck, WeightChecks
-from surgery.weights.keys import KeyMap, select_keys
+from surgery.weights.keys import KeyMap, select_keys, under_prefixes
 from surgery.weights.report import LoadReport
 from surgery.weights.values import all_finite
 
@@ -80,15 +80,16 @@ def _listing(items: Sequence[str], total: int | None = None) -> str:
     return shown + (f", ... (+{total - _LIST_LIMIT} more)" if total > _LIST_LIMIT else "")
 
 
-def _module_slots(module: nn.Module, prefixes: Sequence[str], part: str) -> dict[str, _Slot]:
-    """The parameters/buffers of ``module`` under ``prefixes`` by state_dict key; aliases share one slot."""
+def _module_slots(module: nn.Module, prefixes: Sequence[str], part: str,
+                  exclude: Sequence[str] = ()) -> dict[str, _Slot]:
+    """The parameters/buffers of ``module`` under ``prefixes`` and not under ``exclude`` by state_dict
+    key; aliases share one slot."""
     by_id: dict[int, _Slot] = {}
     slots: dict[str, _Slot] = {}
     # One walk of the module tree instead of a get_submodule walk per key.
     modules = dict(module.named_modules(remove_duplicate=False))
-    prefixes = tuple(prefixes)
     for key, tensor in module.state_dict(keep_vars=True).items():
-        if not key.startswith(prefixes):
+        if not under_prefixes(key, prefixes) or under_prefixes(key, exclude):
             continue
         owner_name, _, attr = key.rpartition(".")
         owner = modules.get(owner_name)
@@ -184,6 +185,7 @@ def load_weights(
     checks: WeightChecks | None = None,
     label: str = "grafted",
     mmap: bool = False,
+    exclude: Sequence[str] = (),
 ) -> LoadReport:
     """Load the module's tensors under ``prefixes`` (a rule's grafted modules) from safetensors.
 
@@ -195,7 +197,8 @@ def load_weights(
             holding either. Pickle formats (``.pt``, ``.pth``, ``.bin``, ``.ckpt``) are
             refused unopened.
         prefixes: which (mapped) keys to load: the state_dict prefixes of the grafted modules
-            (``Rule.weight_prefixes``).
+            (``Rule.weight_prefixes``); a ``*`` part matches any one name part
+            (:func:`~surgery.weights.keys.under_prefixes`).
         key_map: ordered ``(pattern, replacement)`` rules applied after prefix stripping
             (see :mod:`surgery.weights.keys`); e.g. one of ``Rule.key_maps``.
         strip_prefixes: prefixes removed from stored names; the first match wins.
@@ -209,6 +212,8 @@ def load_weights(
             until a page is written it *is* the file: a file rewritten in place changes
             the model's weights, and a truncated file makes the next access to them kill
             the process with ``SIGBUS``. Use it only for files nothing will modify.
+        exclude: prefixes (patterns too) of keys left out of both the file and the module
+            (a rule's keys, when the base model loads from a full checkpoint).
 
     Every tensor is converted to the dtype and device of the parameter it loads into
     (per tensor, so mixed-dtype checkpoints are fine); weights stay on the model's
@@ -229,7 +234,7 @@ def load_weights(
     part = checks.label or label
     entries = resolve_checkpoint(path)
     selection = select_keys(entries, strip_prefixes=strip_prefixes, key_map=key_map, keep_prefixes=prefixes)
-    chosen = {k: entries[n] for k, n in selection.selected.items()}
+    chosen = {k: entries[n] for k, n in selection.selected.items() if not under_prefixes(k, exclude)}
     files = sorted({str(e.file) for e in (chosen or entries).values()})
     where = ", ".join(files)
     if not chosen:
@@ -239,12 +244,12 @@ def load_weights(
             f"pass a checkpoint that holds the {part} weights (alone or in a full model), or a key_map for its naming",
         )
 
-    slots = _module_slots(module, prefixes, part)
+    slots = _module_slots(module, prefixes, part, exclude)
     _check_model(where, slots, prefixes, part)
     facts = dict(checks.fit(where, chosen, {k: s.tensor for k, s in slots.items()})) if checks.fit else {}
 
     def layout_fix(unexpected: list[str]) -> str | None:
-        return _layout_fix(module, entries, strip_prefixes, prefixes, slots, unexpected, checks)
+        return _layout_fix(module, entries, strip_prefixes, prefixes, slots, unexpected, checks, exclude)
 
     plan = _plan(slots, chosen, files, layout_fix, part, checks.mismatch_fix)
 
@@ -262,7 +267,7 @@ def load_weights(
         bytes_read=sum(e.nbytes for _, _, e in plan),
         seconds=time.perf_counter() - start,
         facts=facts,
-        ignored=selection.dropped,
+        ignored=selection.dropped + len(selection.selected) - len(chosen),
         shared=counts.shared,
         converted=counts.converted,
         copied=counts.copied,
@@ -289,7 +294,7 @@ def _check_model(where: str, slots: dict[str, _Slot], prefixes: Sequence[str], p
 
 def _layout_fix(module: nn.Module, names: Iterable[str], strip_prefixes: Sequence[str],
                 prefixes: Sequence[str], slots: dict[str, _Slot], unexpected: Sequence[str],
-                checks: WeightChecks) -> str | None:
+                checks: WeightChecks, exclude: Sequence[str] = ()) -> str | None:
     """The key map that makes the file's keys the module's, from the rule that rewrote the
     module (``Rule.key_maps``: its family's maps from other layouts), as a fix; for a module no
     rule rewrote, the rule's own guess from the stored names (``checks.layout_fix``); else None."""
@@ -301,7 +306,7 @@ def _layout_fix(module: nn.Module, names: Iterable[str], strip_prefixes: Sequenc
             selection = select_keys(names, strip_prefixes=strip_prefixes, key_map=table, keep_prefixes=prefixes)
         except WeightsError:  # a map that makes keys collide is no candidate
             continue
-        if set(selection.selected) == set(slots):
+        if {k for k in selection.selected if not under_prefixes(k, exclude)} == set(slots):
             return (f"the file uses the {name!r} layout: pass key_map=model.surgery_state.rule.key_maps[{name!r}] "
                     f"(a key map of rule {rule.name!r})")
     return None
