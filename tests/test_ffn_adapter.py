@@ -137,8 +137,14 @@ def test_order_and_existing_adapters_are_refused():
         surgery.apply(result.module, ffn_adapter.rule(), example_inputs=example_call(base, pipeline))
     carrying = pipeline.build("tiny", seed=0)
     carrying.blocks[0].ffn_adapter = BottleneckAdapter(carrying.dim, 4, nn.GELU())
-    with pytest.raises(GraftError, match="grafts 'blocks.0.ffn_adapter', but 'blocks.0' already has an attribute"):
+    # Found by the rule's weight prefix pattern (blocks.*.ffn_adapter.) before any tracing.
+    with pytest.raises(OrderError, match=r"already carries ffn-adapter modules \(blocks.0.ffn_adapter.down.weight"):
         surgery.apply(carrying, ffn_adapter.rule(), example_inputs=example_call(carrying, pipeline))
+    elsewhere = pipeline.build("tiny", seed=0)
+    elsewhere.blocks[0].ffn_adapter_x = BottleneckAdapter(elsewhere.dim, 4, nn.GELU())  # outside the pattern
+    elsewhere.blocks[0].ffn_adapter = nn.Identity()  # no parameters: only the graft itself can refuse it
+    with pytest.raises(GraftError, match="grafts 'blocks.0.ffn_adapter', but 'blocks.0' already has an attribute"):
+        surgery.apply(elsewhere, ffn_adapter.rule(), example_inputs=example_call(elsewhere, pipeline))
 
 
 def test_a_rewritten_model_pickles_and_streams_the_same():

@@ -54,7 +54,8 @@ def _is_tuner_layer(module: nn.Module) -> bool:
 
 
 def module_targeted_targets(module: nn.Module) -> list[str]:
-    """Every ``nn.Linear`` inside the main attention blocks ``blocks.N``; none in grafted blocks.
+    """Every ``nn.Linear`` inside the main attention blocks ``blocks.N``; none in grafted modules
+    (the rule's ``weight_prefixes``, also those grafted inside a block).
 
     Returns fully qualified module names in module order, e.g. ``blocks.0.self_attn.q`` ...
     ``blocks.0.ffn.2``, suitable as exact PEFT targets.
@@ -69,12 +70,16 @@ def module_targeted_targets(module: nn.Module) -> list[str]:
             "cannot be found",
             "pass the transformer whose main blocks live in a ModuleList named 'blocks'",
         )
+    grafted = _grafted_prefixes(module)
     targets: list[str] = []
     for list_name, blocks in lists:
         for index, block in blocks.named_children():
             prefix = f"{list_name}.{index}"
             skip: list[str] = []
             for sub_name, sub in block.named_modules():
+                # A rule's module grafted inside a block (blocks.*.ffn_adapter.) is not the base model's.
+                if under_prefixes(f"{prefix}.{sub_name}.", grafted):
+                    continue
                 # A LoRA-wrapped Linear is still the target (PEFT adds adapters to it); its inner
                 # .base_layer and lora_A/lora_B Linears are not.
                 if any(sub_name.startswith(s + ".") for s in skip):
