@@ -40,6 +40,7 @@ class Instance:
     site: int  # position in the graph before which the call is emitted
     shape: tuple  # the body's structure, equal across instances of one template (not its outputs)
     hoisted: list[fx.Node] = field(default_factory=list)  # later pure inputs, computed before the call
+    own: int = 0  # how many of ``body`` are the call's own nodes (the rest: the rule's code after it)
 
 
 def find_instances(graph: fx.Graph, calls: Sequence[ModuleCall],
@@ -87,6 +88,7 @@ def _instance(call: ModuleCall, nodes: list[fx.Node], position: dict[fx.Node, in
     if not body or any(n.op in ("placeholder", "output") or
                        (n.op == "call_module" and not n.target.startswith(prefix)) for n in body):
         return None
+    own = len(body)
     if owned is not None:
         body += _rule_code_after(body, nodes, position, taken, owned, prefix)
     inside = set(body)
@@ -118,7 +120,7 @@ def _instance(call: ModuleCall, nodes: list[fx.Node], position: dict[fx.Node, in
         return None
     if not outputs:
         return None
-    return Instance(call.qualname, body, externals, outputs, site, tuple(shape), hoisted)
+    return Instance(call.qualname, body, externals, outputs, site, tuple(shape), hoisted, own)
 
 
 def _rule_code_after(body: list[fx.Node], nodes: list[fx.Node], position: dict[fx.Node, int],
@@ -190,12 +192,17 @@ def template_function(instance: Instance, name: str,
                       compile_graph: Callable[[fx.Graph], tuple[str, Callable[..., Any]]]
                       ) -> tuple[str, Callable[..., Any]]:
     """``fn(block, *externals)`` computing ``instance.outputs`` (a tuple when several), and its source."""
-    prefix = instance.module_path + "."
     sub = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for i, external in enumerate(instance.externals):
-        env[external] = sub.placeholder(f"in{i}")
-    for node in instance.body:
+    env = {external: sub.placeholder(f"in{i}") for i, external in enumerate(instance.externals)}
+    return _function(sub, env, instance, instance.body, name, compile_graph)
+
+
+def _function(sub: fx.Graph, env: dict[fx.Node, fx.Node], instance: Instance, nodes: list[fx.Node], name: str,
+              compile_graph: Callable[[fx.Graph], tuple[str, Callable[..., Any]]]) -> tuple[str, Callable[..., Any]]:
+    """``nodes`` copied after ``sub``'s placeholders (``env``), as a function ``name`` of the module
+    (``self``) returning ``instance.outputs``, and its source."""
+    prefix = instance.module_path + "."
+    for node in nodes:
         copy = sub.node_copy(node, env.__getitem__)
         if node.op in ("get_attr", "call_module"):
             copy.target = node.target[len(prefix):]
@@ -206,6 +213,84 @@ def template_function(instance: Instance, name: str,
     fn.__name__ = fn.__qualname__ = name
     fn.__module__ = __name__
     return source.replace("def forward(", f"def {name}(", 1), fn
+
+
+def template_functions(groups: list[list[Instance]],
+                       compile_graph: Callable[[fx.Graph], tuple[str, Callable[..., Any]]]
+                       ) -> list[tuple[str, Callable[..., Any]]]:
+    """Each group's function (see :func:`template_function`) and its source, in order.
+
+    A group whose body ends with the rule's code (blocks with an injection after them) gets a
+    function that calls the function of the call's own body, then runs the rule's code; the
+    body function is the one of the group of the same calls without rule code, when there is
+    one (its outputs are widened to what either reads). Under ``torch.compile`` a body whose
+    code graph-breaks is then compiled once for every block, the rule's code is a graph of its
+    own, and the blocks with rule code after them add one graph instead of repeating the body's.
+    """
+    bodies: dict[tuple, list[int]] = {}  # the own body's structure -> the positions any caller reads
+    for members in groups:
+        inst = members[0]
+        key = inst.shape[:inst.own]
+        read = bodies.setdefault(key, [])
+        read += [i for i in _body_reads(inst) if i not in read]
+    for members in groups:
+        if members[0].own == len(members[0].body):  # a body without rule code returns what any caller reads
+            for inst in members:
+                inst.outputs = [inst.body[i] for i in sorted(bodies[inst.shape])]
+    made: dict[tuple, tuple[str, Callable[..., Any]]] = {}
+    for i, members in enumerate(groups):
+        inst = members[0]
+        if inst.own == len(inst.body):
+            made[inst.shape] = template_function(inst, f"surgery_template_{i}", compile_graph)
+    functions = []
+    for i, members in enumerate(groups):
+        inst = members[0]
+        name = f"surgery_template_{i}"
+        if inst.own == len(inst.body):
+            functions.append(made[inst.shape])
+            continue
+        key = inst.shape[:inst.own]
+        shared = key in made
+        if not shared:
+            made[key] = template_function(_own_body(inst, sorted(bodies[key])), f"{name}_body", compile_graph)
+        source, fn = _with_rule_code(inst, sorted(bodies[key]), made[key][1], name, compile_graph)
+        functions.append((source if shared else made[key][0] + source, fn))
+    return functions
+
+
+def _body_reads(inst: Instance) -> list[int]:
+    """Positions of the own body's nodes that the rule's code or the caller reads."""
+    own = {node: i for i, node in enumerate(inst.body[:inst.own])}
+    read = {own[arg] for node in inst.body[inst.own:] for arg in node.all_input_nodes if arg in own}
+    return sorted(read | {own[node] for node in inst.outputs if node in own})
+
+
+def _own_body(inst: Instance, outputs: list[int]) -> Instance:
+    body = inst.body[:inst.own]
+    externals = [e for e in inst.externals if any(e in n.all_input_nodes for n in body)]
+    return Instance(inst.module_path, body, externals, [body[i] for i in outputs], inst.site,
+                    inst.shape[:inst.own], own=inst.own)
+
+
+def _with_rule_code(inst: Instance, outputs: list[int], body: Callable[..., Any], name: str,
+                    compile_graph: Callable[[fx.Graph], tuple[str, Callable[..., Any]]]
+                    ) -> tuple[str, Callable[..., Any]]:
+    """``fn(block, *externals)``: the body function, then the rule's code on its results."""
+    own_externals = len(_own_body(inst, outputs).externals)  # the first ones (collected in body order)
+    sub = fx.Graph()
+    env = {inst.body[i]: sub.placeholder(f"r{i}") for i in outputs}
+    env.update({external: sub.placeholder(f"in{i}") for i, external in enumerate(inst.externals)})
+    rule_source, rule = _function(sub, env, inst, inst.body[inst.own:], f"{name}_rule", compile_graph)
+    params = "".join(f", in{i}" for i in range(len(inst.externals)))
+    handed = "".join(f", in{i}" for i in range(own_externals))
+    unpacked = "r" if len(outputs) == 1 else "*r"
+    source = (f"def {name}(self{params}):\n    r = {body.__name__}(self{handed})\n"
+              f"    return {name}_rule(self, {unpacked}{params})\n")
+    namespace = {body.__name__: body, f"{name}_rule": rule}
+    exec(compile(source, "<surgery-specialisation>", "exec"), namespace)
+    fn = namespace[name]
+    fn.__module__ = __name__
+    return rule_source.rstrip() + "\n\n" + source, fn
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from ..tracing.recheck import ShapeRecheck
 from ..tracing.tracer import ConcreteProxy, ExampleTracer, ModuleCall, Trace, tensor_names
 from ..tracing.twin import fake_inputs, fake_mode_of, fake_twin, new_fake_mode
 from .compiled import argument_nodes, call_sites, strip_compiled
-from .outline import ModuleCallSite, _pure, find_instances, outlined_graph, template_function
+from .outline import ModuleCallSite, _pure, find_instances, outlined_graph, template_functions
 
 
 def input_kind(value: Any) -> tuple:
@@ -303,8 +303,7 @@ def compile_graph(graph: fx.Graph, calls: Sequence[ModuleCall] = (),
     """
     taken = {node for site in module_calls for node in site.instance.body}
     groups = find_instances(graph, calls, taken)
-    templates = [template_function(members[0], f"surgery_template_{i}", compile_graph)
-                 for i, members in enumerate(groups)]
+    templates = template_functions(groups, compile_graph)
     if groups or module_calls:
         graph = outlined_graph(graph, groups, [fn for _, fn in templates], module_calls)
     for node in graph.nodes:
