@@ -50,7 +50,7 @@ class CallsATarget:
 
 def rule(kernel: Union[str, Callable[..., Any]] = "sdpa", targets: Optional[Mapping[str, str]] = None,
          layers: Optional[Sequence[int]] = None) -> Rule:
-    """Every (or each chosen) self-attention unit's core attention computed by ``kernel``.
+    """Every (or each chosen) self-attention unit's core attention computed by another kernel (default: SDPA).
 
     The options are those of :class:`~rules.attention_swap.config.AttentionSwapConfig`.
 

@@ -33,7 +33,7 @@ WEIGHT_PREFIXES = ("*.*.ffn" + SUFFIX + ".",)
 
 def rule(bottleneck_dim: int = 16, activation: str = "gelu", layers: Optional[Sequence[int]] = None,
          num_ffns: Optional[int] = None) -> Rule:
-    """A zero-initialised bottleneck adapter after every FFN, as a residual.
+    """A bottleneck adapter after every feed-forward unit, as a residual (zero-initialised: an exact identity).
 
     The options are those of :class:`~rules.ffn_adapter.config.FfnAdapterConfig`.
 

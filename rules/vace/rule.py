@@ -39,7 +39,7 @@ NAME = "vace"
 
 def rule(vace_in_dim: int = 96, vace_layers: Sequence[int] | None = None, num_layers: int | None = None,
          profile: str | VaceProfile | None = None) -> Rule:
-    """The VACE rule.
+    """A VACE control branch: hints from a control context added after the chosen main blocks.
 
     Args:
         vace_in_dim: channels of the control context.
