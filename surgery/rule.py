@@ -145,7 +145,8 @@ class Rule:
         trace_policy: which modules and methods stay opaque while tracing.
         key_maps: named weight-key maps (data) for checkpoint layouts this rule accepts.
         weight_prefixes: state_dict prefixes of the grafted modules (a model that already
-            has them already carries the rule).
+            has them already carries the rule); a ``*`` part matches any one name part
+            (``blocks.*.ffn_adapter.``: grafts inside every block).
         example: builds example values of the rule's inputs from the latent input, so that
             ``apply`` can specialise (and report) the rewritten graph up front.
         bind: called by ``apply`` as ``bind(rule, model)`` before anything else; returns the

@@ -1,7 +1,8 @@
 """Loading the weights of the modules a rule grafted, by the rule's own data.
 
 :func:`load_rule_weights` reads what to load from the rule that rewrote the model
-(``Rule.weight_prefixes``: the state_dict prefixes of its grafted modules; ``Rule.key_maps``:
+(``Rule.weight_prefixes``: the state_dict prefixes of its grafted modules, ``*`` parts matching
+any one name part, e.g. ``blocks.*.ffn_adapter.``; ``Rule.key_maps``:
 the checkpoint layouts it accepts, by name; ``Rule.check_weights``: its own checks of a file
 against the model) and loads them with every check of :func:`surgery.weights.loader.load_weights`
 (all or nothing, regular files only, values checked after conversion).
