@@ -1,6 +1,7 @@
 """The engine names no rule (#12): generic match indices, old reports and pickles still read."""
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 from surgery.matching.matcher import Match
@@ -123,8 +124,11 @@ def test_rule_weights_load_by_the_rules_own_prefixes_and_key_maps(tmp_path):
     with pytest.raises(WeightsError, match="has no key map 'comfy'; fix: use one of: diffusers"):
         load_rule_weights(by_rule, native, key_map="comfy")
     adapted = surgery.apply(base, ffn_adapter.rule(), example_inputs=call).module
+    with pytest.raises(WeightsError, match=r"holds no ffn-adapter keys \(\*\.\*\.ffn_adapter\.\) after prefix stripping"):
+        load_rule_weights(adapted, native)  # by the rule's own (pattern) prefixes, not VACE's
+    unprefixed = dataclasses.replace(adapted.surgery_state.rule, weight_prefixes=())
     with pytest.raises(WeightsError, match="rule 'ffn-adapter' declares no weight prefixes"):
-        load_rule_weights(adapted, native)
+        load_rule_weights(adapted, native, rule=unprefixed)
     with pytest.raises(WeightsError, match="was not rewritten by surgery"):
         load_rule_weights(base, native)
 
@@ -147,7 +151,7 @@ def test_cli_weights_follow_the_chosen_rule(tmp_path, capsys):
     save_file(random_vace_state_dict(rewritten, seed=1), str(path))
     assert main(["apply", "longlive", "--rule", "ffn-adapter", "--no-validate", "--weights", str(path)]) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "rule 'ffn-adapter' declares no weight prefixes" in error[0]
+    assert len(error) == 1 and "vace.safetensors holds no ffn-adapter keys (*.*.ffn_adapter.)" in error[0]
     assert main(["apply", "longlive", "--no-validate", "--weights", str(path)]) == 0
 
 

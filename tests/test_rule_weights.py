@@ -212,3 +212,14 @@ def test_cli_refuses_a_bad_adapter_file_in_one_line(applied, tmp_path, capsys):
     captured = capsys.readouterr()
     lines = [line for line in (captured.err + captured.out).splitlines() if "ffn-adapter keys missing" in line]
     assert len(lines) == 1 and "blocks.2.ffn_adapter.up.bias" in lines[0] and "fix:" in lines[0]
+
+
+def test_cli_takes_a_file_without_adapter_keys_for_no_full_checkpoint(applied, tmp_path, capsys):
+    base, _ = applied
+    path = tmp_path / "base.safetensors"
+    save_file({k: v.clone() for k, v in base.state_dict().items()}, str(path))
+    assert main(["apply", "longlive", "--rule", "ffn-adapter", "--weights", str(path), "--no-validate"]) == 2
+    captured = capsys.readouterr()
+    assert "Base weights" not in captured.out  # nothing was loaded as a base before the refusal
+    error = captured.err.strip().splitlines()
+    assert len(error) == 1 and f"{path} holds no ffn-adapter keys (*.*.ffn_adapter.)" in error[0]

@@ -148,7 +148,8 @@ def base_file(weights: str | None, base_weights: str | None, rule: Any) -> BaseF
     """``--base-weights``, or ``--weights`` when it is a full checkpoint (base keys besides the rule's), or ``None``.
 
     The rule's keys are those under its ``weight_prefixes``; a rule without them has no keys to
-    tell apart, so its ``--weights`` is never taken for a full checkpoint. Read from headers
+    tell apart, so its ``--weights`` is never taken for a full checkpoint, and neither is a file
+    without any of the rule's keys (a base alone, another rule's weights). Read from headers
     without a key map: a rule's maps rename keys inside a layer, never its grafted modules'
     prefixes, so the base keys are the same before and after mapping. Refuses a
     ``--base-weights`` file without base keys, and two files that both hold a base.
@@ -157,11 +158,12 @@ def base_file(weights: str | None, base_weights: str | None, rule: Any) -> BaseF
 
     rule_prefixes, rule_keys = _prefixes(rule), f"rule {getattr(rule, 'name', '?')}'s keys"
 
-    def base_of(path: str) -> list[Any]:
+    def base_of(path: str, beside_rule_keys: bool = False) -> list[Any]:
         entries = resolve_checkpoint(path)
-        return [entries[name] for name in base_keys(entries, rule_prefixes=rule_prefixes).values()]
+        base = [entries[name] for name in base_keys(entries, rule_prefixes=rule_prefixes).values()]
+        return [] if beside_rule_keys and len(base) == len(entries) else base
 
-    full = base_of(weights) if weights and rule_prefixes else []
+    full = base_of(weights, beside_rule_keys=True) if weights and rule_prefixes else []
     if base_weights is None:
         return BaseFile(weights, "--weights", len(full), base_dtype(full)) if weights and full else None
     base = base_of(base_weights)
