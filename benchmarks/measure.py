@@ -16,10 +16,13 @@ from benchmarks.memory import apply_once, grafted_bytes, new_params, param_bytes
 from benchmarks.subject import BenchSubject
 from benchmarks.timing import log, summarise, sync, timed, timed_cpu
 
-__all__ = ["STEADY_CALLS", "measure_build_times", "measure_forward", "measure_respecialise", "profile_apply"]
+__all__ = ["STEADY_CALLS", "WARMUP_CHUNKS", "measure_build_times", "measure_forward", "measure_respecialise",
+           "profile_apply"]
 
 #: Steady-state calls used as the baseline of ``respecialise_s``.
 STEADY_CALLS = 3
+#: Warm-up runs of the measured chunk before the pairs (see ``measure_forward``).
+WARMUP_CHUNKS = 2
 
 
 def measure_build_times(subject: BenchSubject, repeats: int) -> dict[str, Any]:
@@ -144,8 +147,8 @@ def measure_forward(subject: BenchSubject, repeats: int, backend: str | None = N
     each main block (``block.compile(backend=...)``; the lean graft's VACE branch, which a
     hook on block 0 runs, then stays eager as the others' VACE blocks do): the ratios
     compare compiled models, ``compile`` records each side's first chunk (setup, prefill
-    and warm-up: where compiling happens) and the graphs compiled during the pairs (0: no
-    recompiles).
+    and the ``WARMUP_CHUNKS`` warm-up runs of the chunk: where compiling happens) and the
+    graphs compiled during the pairs (0: no recompiles).
     """
     import surgery
     from surgery.tracing.twin import share_tree
@@ -168,8 +171,11 @@ def measure_forward(subject: BenchSubject, repeats: int, backend: str | None = N
     first: dict[str, float] = {}
 
     def prepared(name: str, model: nn.Module, vace: bool) -> list[Callable[[], torch.Tensor]]:
+        # Two warm-up runs: the chunk's first call sees the caches as the prefill left them,
+        # every later call as a call of this chunk leaves them (other cache indices, which a
+        # compiled model guards on): with one call per chunk, the first pair would compile.
         seconds, chunk = timed(lambda: suite.runner(model, vace=vace), subject.device)
-        warm_s, _ = timed(lambda: _run_chunk(chunk), subject.device)
+        warm_s, _ = timed(lambda: [_run_chunk(chunk) for _ in range(WARMUP_CHUNKS)], subject.device)
         first[name] = seconds + warm_s
         return chunk
 
