@@ -4,6 +4,8 @@ block (``blocks.N.ffn_adapter``), declares ``*.*.ffn_adapter.``, and its weights
 with every check of the loader."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ import surgery
 from examples import PIPELINES
 from examples.driver import compare, example_call, run_stream
 from rules import ffn_adapter
+from rules.ffn_adapter import BottleneckAdapter
 from surgery.cli.main import main
 from surgery.errors import WeightsError
 from surgery.lora.targets import module_targeted_targets
@@ -223,3 +226,51 @@ def test_cli_takes_a_file_without_adapter_keys_for_no_full_checkpoint(applied, t
     assert "Base weights" not in captured.out  # nothing was loaded as a base before the refusal
     error = captured.err.strip().splitlines()
     assert len(error) == 1 and f"{path} holds no ffn-adapter keys (*.*.ffn_adapter.)" in error[0]
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(x)
+
+
+class _Layers(torch.nn.Module):
+    """FFNs at ``layers.N.mlp``: outside the default pattern, so the rule's prefixes are declared for them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_Layer() for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_ffns_named_otherwise_load_by_the_prefixes_declared_for_them(tmp_path):
+    torch.manual_seed(0)
+    model, x = _Layers().eval(), torch.randn(2, 3, 8)
+    default = surgery.apply(model, ffn_adapter.rule(bottleneck_dim=4), example_inputs=((x,), {}))
+    declared = dataclasses.replace(ffn_adapter.rule(bottleneck_dim=4), weight_prefixes=("layers.*.mlp_adapter.",))
+    result = surgery.apply(model, declared, example_inputs=((x,), {}))
+    weights = _adapter_weights(result)
+    assert sorted(weights) == sorted(f"layers.{i}.mlp_adapter.{layer}.{kind}" for i in range(2)
+                                     for layer in ("down", "up") for kind in ("weight", "bias"))
+    path = tmp_path / "adapters.safetensors"
+    save_file(weights, str(path))
+    before = _snapshot(default.module)
+    with pytest.raises(WeightsError, match=r"holds no ffn-adapter keys \(\*\.\*\.ffn_adapter\.\)"):
+        load_rule_weights(default.module, path)
+    assert _same(default.module, before)
+    assert load_rule_weights(result.module, path).tensors == 8
+    hooked = copy.deepcopy(model)  # the adapter written by hand, as forward hooks on the FFNs
+    for i, layer in enumerate(hooked.layers):
+        adapter = BottleneckAdapter(8, 4, torch.nn.GELU())
+        adapter.load_state_dict({k.removeprefix(f"layers.{i}.mlp_adapter."): v for k, v in weights.items()
+                                 if k.startswith(f"layers.{i}.mlp_adapter.")})
+        layer.mlp.register_forward_hook(lambda module, args, out, adapter=adapter: out + adapter(out))
+    with torch.no_grad():
+        assert torch.equal(result.module(x), hooked(x)) and not torch.equal(result.module(x), model(x))

@@ -9,7 +9,8 @@ action adds its output to the FFN's: ``y + up(act(down(y)))``.
 
 Its weights load with :func:`surgery.weights.load_rule_weights` (or ``--weights``) by the
 pattern :data:`WEIGHT_PREFIXES`, the adapters of FFNs at ``<list>.<index>.ffn`` (the usual
-transformer layout, every stand-in's): one pattern part stands for the block index.
+transformer layout, every stand-in's): one pattern part stands for the block index. For FFNs
+named otherwise, declare theirs: ``dataclasses.replace(rule(), weight_prefixes=("layers.*.mlp_adapter.",))``.
 """
 from __future__ import annotations
 

@@ -50,7 +50,8 @@ def load_rule_weights(module: nn.Module, path: str | Path, *, key_map: str | Key
     if not rule.weight_prefixes:
         raise WeightsError(f"rule '{rule.name}' declares no weight prefixes (Rule.weight_prefixes), so its weights "
                            f"cannot be told apart from the base model's",
-                           "load them with module.load_state_dict(weights, strict=False), or declare the prefixes")
+                           "load them with module.load_state_dict(weights, strict=False), or declare the prefixes "
+                           "(a * part matches any one name part: blocks.*.adapter.)")
     if isinstance(key_map, str):
         if key_map not in rule.key_maps:
             known = ", ".join(rule.key_maps) or "none"
