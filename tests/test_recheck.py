@@ -80,6 +80,13 @@ class _Grid(nn.Module):
         return x.view(*grid.tolist(), 1)
 
 
+class _GridInPlace(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = torch.tensor(x.shape[1:])
+        grid.mul_(1)  # written in place: no longer (known to be) the ints it was built from
+        return x.view(*grid.tolist(), 1)
+
+
 def _trace(model: nn.Module, x: torch.Tensor):
     """The trace of ``model(x)`` on its fake twin, and the twin."""
     mode = new_fake_mode()
@@ -89,8 +96,9 @@ def _trace(model: nn.Module, x: torch.Tensor):
     return trace, root
 
 
-def test_tolist_of_a_computed_shape_tensor_stays_graph_arithmetic():
-    trace, _ = _trace(_Grid(), torch.zeros(1, 3, 4))
+@pytest.mark.parametrize("model", [_Grid, _GridInPlace])
+def test_tolist_of_a_computed_shape_tensor_stays_graph_arithmetic(model):
+    trace, _ = _trace(model(), torch.zeros(1, 3, 4))
     nodes = list(trace.graph.nodes)
     assert len([n for n in nodes if n.op == "call_method" and n.target == "tolist"]) == 1
     view = next(n for n in nodes if n.op == "call_method" and n.target == "view")

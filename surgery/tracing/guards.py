@@ -15,6 +15,7 @@ from __future__ import annotations
 import operator
 import weakref
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Callable, Iterable
 
 import torch
@@ -117,9 +118,14 @@ _SIMPLE = (bool, int, float, str, type(None), torch.dtype, torch.device)
 
 
 def watched(module: nn.Module, attr: str) -> bool:
-    """Whether the tracer sees each read of the plain attribute ``attr`` of ``module`` (one
-    that no class attribute shadows, of a module that is not a built-in layer)."""
-    return not attr.startswith("_") and attr != "training" and not hasattr(type(module), attr)
+    """Whether the tracer sees each read of the plain attribute ``attr`` of a traced module
+    (one that no class attribute shadows)."""
+    return not attr.startswith("_") and attr != "training" and not _on_class(type(module), attr)
+
+
+@lru_cache(maxsize=None)
+def _on_class(cls: type, attr: str) -> bool:
+    return hasattr(cls, attr)
 
 
 def snapshot_state(model: nn.Module, qualnames: Iterable[str],

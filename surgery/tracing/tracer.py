@@ -162,7 +162,7 @@ def _int_values(value: Any) -> Any:
             return None
         if isinstance(concrete, int):
             return value
-        if isinstance(concrete, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) for v in concrete):
+        if isinstance(concrete, (tuple, list)) and all(type(v) is int for v in concrete):
             return _IntRow(value)
         return None
     if isinstance(value, (tuple, list)):
@@ -189,6 +189,12 @@ def _int_source(target: Any, args: tuple, kwargs: dict, value: Any) -> Any:
     else:
         return None
     return source if _ints_concrete(source) == value.tolist() else None
+
+
+def _holds_its_ints(proxy: Any) -> bool:
+    """Whether ``proxy`` is a tensor built from ints that (still) holds them."""
+    return isinstance(proxy, ConcreteProxy) and proxy.ints is not None and not proxy.tainted \
+        and _ints_concrete(proxy.ints) == proxy.concrete.tolist()
 
 
 def _ints_concrete(source: Any) -> Any:
@@ -322,6 +328,7 @@ class ExampleTracer(fx.Tracer):
         self.concretised: list[Concretisation] = []
         # Plain module attributes the traced code read, as (module path, name): guards.
         self.attributes_read: list[tuple[str, str]] = []
+        self._watched_modules: list[nn.Module] | None = None
         self.fake_mode = None
 
     # ----- proxies -----------------------------------------------------------------
@@ -343,15 +350,15 @@ class ExampleTracer(fx.Tracer):
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,
                      proxy_factory_fn=None):  # noqa: D401 - fx signature
-        if kind == "call_method" and target == "item" and isinstance(args[0], ConcreteProxy) \
-                and isinstance(args[0].ints, (int, ConcreteProxy)) and not args[0].tainted:
+        if kind == "call_method" and target == "item" and _holds_its_ints(args[0]) \
+                and isinstance(args[0].ints, (int, ConcreteProxy)):
             return args[0].ints  # the int the tensor was built from: graph arithmetic, no constant
         if kind == "call_method" and target in _CONCRETISING_METHODS:
             receiver = args[0]
             value = getattr(receiver.concrete, target)(*_concrete(args[1:]), **_concrete(kwargs))
             return self.concretise(receiver, value, f".{target}()", target)
         if kind == "call_method" and target == "tolist" and isinstance(args[0], ConcreteProxy) and not args[0].tainted:
-            if args[0].ints is not None:
+            if _holds_its_ints(args[0]):
                 # The ints the tensor was built from: no tensor-to-Python conversion in the
                 # graph, which would split a compiled graph (dynamo cannot trace it).
                 return _expand_ints(args[0].ints)
@@ -375,6 +382,9 @@ class ExampleTracer(fx.Tracer):
         self._propagate(proxy, kind, target, args, kwargs, value)
         if kind == "call_function" and not proxy.tainted:
             proxy.ints = _int_source(target, args, kwargs, value)
+        if args and isinstance(args[0], ConcreteProxy) and (target is operator.setitem or (
+                kind == "call_method" and target.endswith("_"))):
+            args[0].ints = None  # written in place: no longer what it was built from
         return proxy
 
     def _symbolic_list(self, proxy: ConcreteProxy, args: tuple) -> Any:
@@ -786,9 +796,11 @@ class ExampleTracer(fx.Tracer):
         """Move the twin's watched plain attributes out of the modules' ``__dict__`` while
         tracing: each read then reaches ``nn.Module.__getattr__``, which records it, so only
         the attributes traced code reads become guards."""
+        if self._watched_modules is None:  # built-in layers are leaves: their code runs eagerly
+            self._watched_modules = [m for m in self.submodule_paths if not (_is_torch_builtin(m) or _is_peft_layer(m))]
         moved: list[tuple[nn.Module, dict[str, Any]]] = []
-        for module in self.submodule_paths:
-            if _HIDDEN in module.__dict__ or _is_torch_builtin(module) or _is_peft_layer(module):
+        for module in self._watched_modules:
+            if _HIDDEN in module.__dict__:
                 continue
             names = [attr for attr in module.__dict__ if watched(module, attr)]
             if names:
