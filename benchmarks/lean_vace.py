@@ -8,9 +8,8 @@ what surgery costs against the leanest equivalent:
 
 * a forward pre-hook on the model takes ``vace_context`` and ``vace_context_scale`` out of the
   call (the base model does not accept them);
-* a forward pre-hook on block 0 embeds the context, pads it only to the chunk's tokens (not at
-  all when it already has them) and runs the VACE blocks on ``x0`` and block 0's own keyword
-  arguments, giving one hint per VACE layer;
+* a forward pre-hook on block 0 embeds the context, pads it only to the chunk's tokens and runs
+  the VACE blocks on ``x0`` and block 0's own keyword arguments, giving one hint per VACE layer;
 * a forward hook on each main block that receives a hint adds ``hint * scale`` to its output.
 
 The VACE blocks are those of the reference (``create_vace_attention_block_class``, built
@@ -109,8 +108,10 @@ def attach_lean_vace(model: nn.Module, vace_in_dim: int = 96, vace_layers: Seque
         pieces = []
         for u in context:
             c = embedding(u.to(device=weight.device, dtype=weight.dtype).unsqueeze(0)).flatten(2).transpose(1, 2)
-            if c.size(1) < tokens:  # pad to the chunk only, and only when short
-                c = torch.cat([c, c.new_zeros(1, tokens - c.size(1), c.size(2))], dim=1)
+            # Pad to the chunk only. The cat runs even with nothing to pad: it also lays the
+            # transposed tokens out contiguously, and a matmul on the strided view rounds
+            # differently at real sizes (2e-6 at 1.3B), so the outputs would no longer be equal.
+            c = torch.cat([c, c.new_zeros(1, max(0, tokens - c.size(1)), c.size(2))], dim=1)
             pieces.append(c[:, :tokens])
         c = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         inputs = [kwargs[name] for name in BRANCH_INPUTS]
