@@ -26,6 +26,7 @@ from ..tracing.recheck import ShapeRecheck
 from ..tracing.tracer import ConcreteProxy, ExampleTracer, ModuleCall, Trace, tensor_names
 from ..tracing.twin import fake_inputs, fake_mode_of, fake_twin, new_fake_mode
 from .compiled import argument_nodes, call_sites, strip_compiled
+from .hoist import hoist_rule_code
 from .outline import ModuleCallSite, _pure, find_instances, outlined_graph, template_functions
 
 
@@ -351,6 +352,7 @@ def finish(model: nn.Module, tracer: ExampleTracer, trace: Trace, result: MatchR
         for node in trace.graph.nodes:
             if node not in before and "surgery" not in node.meta:
                 node.meta["surgery"] = {"rule": each.name, "role": "branch", "index": None}
+    hoist_rule_code(trace.graph, tracer.calls, twin)  # above opaque calls it does not need (a graph break less)
     # Before pruning: the nodes that only fed Python decisions are what a recheck evaluates.
     recheck = ShapeRecheck(trace.graph, tracer.concretised, tracer.calls, twin)
     compiled = snapshot_compiled(model, tracer.traced_modules)
