@@ -1,6 +1,6 @@
 """Key handling: prefix stripping, data-driven key maps, filtering to a rule's grafted modules.
 
-A rule's weight prefix (``Rule.weight_prefixes``) is a plain prefix (``vace_blocks.``) or a
+A rule's weight prefix (``Rule.weight_prefixes``) is a plain prefix (e.g. ``vace_blocks.``) or a
 pattern in which a ``*`` part stands for any one dotted name part (``blocks.*.ffn_adapter.``:
 an adapter grafted inside every block); :func:`under_prefixes` is the one place that matches them.
 
