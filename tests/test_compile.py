@@ -111,16 +111,20 @@ class _HelperFirst(nn.Module):
     """A cache helper right before the first block, handed the cache only (or the stream too)."""
 
     hands_stream = False
+    writes_table = False
 
     def __init__(self) -> None:
         super().__init__()
         self.embed = nn.Linear(4, 4)
         self.blocks = nn.ModuleList([_Feed(), _Feed()])
+        self.register_buffer("table", torch.linspace(0.5, 1.5, 4))
 
     def _refresh(self, cache: dict, x: torch.Tensor | None = None) -> None:
         cache["count"].add_(1)
         if x is not None:
             x.mul_(2)  # a helper may write what it is handed
+        if self.writes_table:
+            self.table.mul_(2)  # or its module's state
 
     def forward(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
         x = self.embed(x)
@@ -134,13 +138,17 @@ class _HelperWritesStream(_HelperFirst):
     hands_stream = True
 
 
-def _hint(x: torch.Tensor) -> torch.Tensor:
-    return torch.tanh(x * 0.5)
+class _HelperWritesTable(_HelperFirst):
+    writes_table = True
+
+
+def _hint(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(x * 0.5) * table
 
 
 def _hint_rule():
     def keep_hint(site):
-        site.scratch["hint"] = _hint(site.stream)
+        site.scratch["hint"] = _hint(site.stream, site.model.table)
 
     def add_hint(site):
         return site.stream + site.scratch["hint"]
@@ -154,16 +162,20 @@ def _by_hand(model: _HelperFirst, x: torch.Tensor, cache: dict) -> torch.Tensor:
     """The rule's effect written out: the hint of the first block's input, added after each block."""
     x = model.embed(x)
     model._refresh(cache, x if model.hands_stream else None)
-    hint = _hint(x)
+    hint = _hint(x, model.table)
     for block in model.blocks:
         x = x + (block(x) + hint)
     return x
 
 
-@pytest.mark.parametrize("cls, hoisted", [(_HelperFirst, True), (_HelperWritesStream, False)])
+@pytest.mark.parametrize("cls, hoisted", [(_HelperFirst, True), (_HelperWritesStream, False),
+                                          (_HelperWritesTable, False)])
 def test_rule_code_is_hoisted_above_a_cache_helper_only_when_the_helper_is_not_handed_what_it_reads(cls, hoisted):
     # Hoisted, the code before the first block joins the compiled graph before the helper's
-    # break; handed the stream, the helper may write it in place, so the code stays after it.
+    # break; handed the stream, the helper may write it in place, so the code stays after it
+    # (as it does after a helper that writes a buffer the code reads).
+    torch.manual_seed(0)
+    by_hand = cls()  # (the helper writes its own model's state: one model for each side)
     torch.manual_seed(0)
     base = cls()
     x = torch.randn(2, 3, 4)
@@ -175,8 +187,10 @@ def test_rule_code_is_hoisted_above_a_cache_helper_only_when_the_helper_is_not_h
     ours, theirs = {"count": torch.zeros(1)}, {"count": torch.zeros(1)}
     with torch.no_grad():
         out = result.module(x, ours)
-        assert torch.equal(out, _by_hand(base, x, theirs)) and torch.equal(ours["count"], theirs["count"])
-        assert not torch.equal(out, base(x, {"count": torch.zeros(1)}))  # the rule changes the output
+        assert torch.equal(out, _by_hand(by_hand, x, theirs)) and torch.equal(ours["count"], theirs["count"])
+        assert torch.equal(result.module.table, by_hand.table)
+        torch.manual_seed(0)
+        assert not torch.equal(out, cls()(x, {"count": torch.zeros(1)}))  # the rule changes the output
 
 
 def _double(x: torch.Tensor) -> torch.Tensor:

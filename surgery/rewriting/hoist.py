@@ -13,9 +13,11 @@ these hold (checked on the graph, node sets compared; if one fails, the code sta
 2. **No shared values**: the opaque call is handed none of the values the rule's code
    reads, and the two share no value they were computed from: it could write any of them
    in place, and a view shares its base's storage (hence the closures over inputs). A
-   helper is handed its own module as ``self``; the parameters and buffers the rule's code
-   reads (its grafted modules' weights, shared tables) are assumed not to be written by a
-   cache helper.
+   helper is also handed its own module as ``self``: it wrote none of the parameters and
+   buffers the rule's code reads (``get_attr``, a layer's weights) on the example call (the
+   tracer records what it wrote: ``node.meta["writes_state"]``; a stateful leaf module may
+   write any of its own); a helper that writes one only on other calls is beyond what the
+   graph shows.
 3. **No side effects of its own**: the rule's code holds no opaque or stateful call (a
    module that is not a built-in ``torch.nn`` layer, a cache helper), no in-place
    operation (even on a value it created, which could be a view of one it did not), no
@@ -132,8 +134,17 @@ def _earliest_crossable_opaque_call(run: list[fx.Node], owner: dict[fx.Node, Mod
         if node in reads:
             break  # condition 1
         if _opaque(node, root):
-            if _closure(node.all_input_nodes) & reads:
+            if _closure(node.all_input_nodes) & reads or _reads_written_state(run, node):
                 break  # condition 2
             target = node
         node = node.prev
     return target
+
+
+def _reads_written_state(run: list[fx.Node], call: fx.Node) -> bool:
+    """Whether the run reads a parameter or buffer ``call`` wrote on the example call (a
+    stateful leaf module: anything of its own)."""
+    written = (call.target,) if call.op == "call_module" else call.meta.get("writes_state", ())
+    read = [node.target for node in run if node.op in ("get_attr", "call_module")]
+    return any(path == target or path.startswith(target + ".") or target.startswith(path + ".")
+               for path in written for target in read)

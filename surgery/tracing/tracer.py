@@ -855,11 +855,15 @@ class ExampleTracer(fx.Tracer):
             node = tracer.create_node("call_method", name, tracer.create_arg((owner,) + args),
                                       tracer.create_arg(kwargs))
             proxy = ConcreteProxy(node, tracer)
+            state = _module_state(module)
             with tracer.concrete_mode():
                 value = bound(*_concrete(args), **_concrete(kwargs))
             proxy.concrete, proxy.tainted = value, True
             node.meta["example_value"] = value
             node.meta["opaque_helper"] = f"{qualname + '.' if qualname else ''}{name}"
+            written = _written_state(module, state, qualname)
+            if written:  # what it wrote on the example call (rule code reading these is not moved above it)
+                node.meta["writes_state"] = written
             return _structured(proxy)
 
         return call
@@ -1036,3 +1040,17 @@ def _collect_object_attrs(root: nn.Module) -> dict[int, str]:
                 continue
             found.setdefault(id(value), f"{qualname}.{key}" if qualname else key)
     return found
+
+
+def _module_state(module: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
+    """``module``'s parameters and buffers by path, with their version counters."""
+    named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    return {name: (tensor, tensor._version) for name, tensor in named}
+
+
+def _written_state(module: nn.Module, before: dict[str, tuple[torch.Tensor, int]], qualname: str) -> tuple[str, ...]:
+    """Paths (from the root) of ``module``'s parameters and buffers written in place or rebound since ``before``."""
+    after = {name: tensor for name, (tensor, _) in _module_state(module).items()}
+    prefix = qualname + "." if qualname else ""
+    return tuple(prefix + name for name, (tensor, version) in before.items()
+                 if after.get(name) is not tensor or tensor._version != version)
