@@ -199,10 +199,16 @@ class _Placed:
     def run(self, before: fx.Node, site: Site) -> Any:
         """The action's result, its code inserted before ``before`` (marked as injected when
         it returns a value; otherwise :func:`finish` marks it as the rule's branch)."""
-        existing = set(self.graph.nodes)
+        start, after = len(self.tracer.created_nodes), before.prev
         with self.tracer.patched(self.action), self.graph.inserting_before(before):
             result = self.tracer.run(self.action, site)
-        self.created = set(self.graph.nodes) - existing
+        # What the tracer created and what landed at the insertion point, rather than a set of
+        # the whole graph before and after each site (thirty sites of 7,000 nodes at 1.3B).
+        self.created = {n for n in self.tracer.created_nodes[start:] if not n._erased}
+        node = after.next
+        while node is not before:
+            self.created.add(node)
+            node = node.next
         if result is not None:
             for node in self.created:
                 node.meta.setdefault("surgery", {"rule": self.rule.name, "role": "inject",
