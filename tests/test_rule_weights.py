@@ -22,6 +22,7 @@ from surgery.cli.main import main
 from surgery.errors import WeightsError
 from surgery.lora.targets import module_targeted_targets
 from surgery.weights import load_base_weights, load_rule_weights
+from surgery.tracing.policy import TracePolicy
 from surgery.weights.keys import under_prefixes
 
 PIPELINE = PIPELINES["longlive"]
@@ -65,6 +66,19 @@ def _same(module, snapshot) -> bool:
 ])
 def test_weight_prefixes_match_part_wise(key, prefixes, expected):
     assert under_prefixes(key, prefixes) is expected
+
+
+@pytest.mark.parametrize("qualname, patterns, expected", [
+    ("blocks.2.cross_attn", ("blocks.*.cross_attn",), True),
+    ("blocks.2.cross_attn", ("blocks.2.cross_attn",), True),
+    ("blocks.2.cross_attn.k", ("blocks.*.cross_attn",), False),  # a leaf pattern names the whole name
+    ("blocks.2.3.cross_attn", ("blocks.*.cross_attn",), False),
+    ("blocksX2.cross_attn", ("blocks.*.cross_attn",), False),
+    ("blocks.2.cross_attn", ("blocks.*",), False),
+])
+def test_leaf_patterns_use_the_same_parts_as_weight_prefixes(qualname, patterns, expected):
+    """One pattern language (surgery.dotted) for TracePolicy.extra_leaves and Rule.weight_prefixes."""
+    assert TracePolicy(extra_leaves=frozenset(patterns)).named_leaf(qualname) is expected
 
 
 def test_the_rule_declares_a_pattern_that_holds_exactly_its_adapters(applied):

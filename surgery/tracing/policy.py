@@ -35,6 +35,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 import torch.nn as nn
 
+from ..dotted import names
 from .containers import holds_tensor, is_namedtuple, is_record, reachable
 
 
@@ -187,11 +188,7 @@ class TracePolicy:
 
     def named_leaf(self, qualname: str) -> bool:
         """Whether ``extra_leaves`` names ``qualname`` (exactly or through a ``*`` pattern)."""
-        if qualname in self.extra_leaves:
-            return True
-        parts = qualname.split(".")
-        return any("*" in pattern and len(pattern.split(".")) == len(parts) and all(
-            p == "*" or p == q for p, q in zip(pattern.split("."), parts)) for pattern in self.extra_leaves)
+        return qualname in self.extra_leaves or any(names(qualname, pattern) for pattern in self.extra_leaves)
 
     def _may_take_cache(self, module: nn.Module) -> bool:
         if _is_torch_builtin(module) or _is_peft_layer(module):

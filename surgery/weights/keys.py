@@ -15,27 +15,19 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
+from surgery.dotted import starts_with
 from surgery.errors import RuleError, WeightsError
 
 KeyRule = tuple["str | re.Pattern[str]", str]
 KeyMap = Sequence[KeyRule]
 REGEX_PREFIX = "re:"
-#: A prefix part that stands for any one dotted name part.
-WILDCARD = "*"
-
-
-@lru_cache(maxsize=256)
-def _prefix_regex(prefix: str) -> "re.Pattern[str]":
-    # Part-wise, as TracePolicy.named_leaf matches its patterns; the last part may be a partial name.
-    return re.compile(r"\.".join("[^.]+" if part == WILDCARD else re.escape(part) for part in prefix.split(".")))
 
 
 def under_prefixes(key: str, prefixes: Sequence[str]) -> bool:
-    """Whether ``key`` starts with one of ``prefixes``, where a ``*`` part of a prefix matches any one
-    dotted name part (``blocks.*.ffn_adapter.`` holds ``blocks.3.ffn_adapter.up.weight``)."""
-    return any(_prefix_regex(p).match(key) if WILDCARD in p else key.startswith(p) for p in prefixes)
+    """Whether ``key`` starts with one of ``prefixes`` (:func:`surgery.dotted.starts_with`: a ``*``
+    part matches any one dotted name part, so ``blocks.*.ffn_adapter.`` holds ``blocks.3.ffn_adapter.up.weight``)."""
+    return any(starts_with(key, prefix) for prefix in prefixes)
 
 
 def compile_key_map(key_map: KeyMap | None) -> list[Callable[[str], str]]:
