@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch.fx as fx
 import torch.nn as nn
@@ -11,6 +11,15 @@ import torch.nn as nn
 from ..errors import MatchError
 from ..tracing.tracer import ModuleCall, Trace, _clone_proxy, _map_proxies, _proxies
 from .pattern import CallView, Pattern, view_of
+
+
+#: Match fields renamed since report schema 1 (and pickles of that time): old name -> name.
+SCHEMA_1_RENAMES = {"hint_index": "index"}
+
+
+def current_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """A match's fields (a pickled ``Match``'s state, a report's match) under today's names."""
+    return {SCHEMA_1_RENAMES.get(name, name): value for name, value in fields.items()}
 
 
 @dataclass(frozen=True)
@@ -25,10 +34,8 @@ class Match:
     index: int | None = None
 
     def __setstate__(self, state: dict) -> None:
-        # Models pickled before the field was renamed carry it under its schema-1 name.
-        if "hint_index" in state:
-            state = {**state, "index": state.pop("hint_index")}
-        self.__dict__.update(state)
+        # Models pickled before a field was renamed carry it under its schema-1 name.
+        self.__dict__.update(current_fields(state))
 
 
 @dataclass(frozen=True)

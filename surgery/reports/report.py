@@ -18,6 +18,7 @@ import torch
 import torch.fx
 
 from surgery.lora.order import build_order
+from surgery.matching.matcher import current_fields
 from surgery.lora.uncalled import uncalled_linear
 from surgery.reports.diff import diff_graphs, group_changes
 from surgery.reports.files import atomic_write_many
@@ -280,7 +281,7 @@ def _lora_markdown(lora: Mapping[str, Any] | None) -> list[str]:
 
 def _match_index(match: Mapping[str, Any]) -> int | None:
     """A match's ``index``; reports of schema 1 give it under its old name."""
-    return match["index"] if "index" in match else match.get("hint_index")
+    return current_fields(match).get("index")
 
 
 def render_markdown(report: Mapping[str, Any], base_graph: torch.fx.Graph | None, rewritten_graph: torch.fx.Graph | None) -> str:
